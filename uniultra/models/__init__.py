@@ -1,1 +1,140 @@
+"""SAM2 models with adaptation methods, students, a registry and checkpoints.
 
+``build_model`` is the one entry point: a registry name, an architecture name or a checkpoint
+path in, a ready ``UniUltraModel`` out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from uniultra.errors import InputError
+from uniultra.models.architectures import (
+    DEFAULT_IMAGE_SIZE,
+    Arch,
+    build_sam2_base,
+    canonical_arch,
+    check_image_size,
+    infer_arch_from_state_dict,
+)
+from uniultra.models.checkpoint import load_state_strict, read_checkpoint, save_checkpoint
+from uniultra.models.model import UniUltraModel
+from uniultra.models.peft import METHODS, apply_peft
+from uniultra.models.registry import ModelEntry, get_entry, load_registry
+
+__all__ = ["build_model", "UniUltraModel", "save_checkpoint", "load_registry", "METHODS", "resolve_model"]
+
+
+def _assemble(arch: Arch, image_size: int, peft: str | None, scope: str, options: dict,
+              base_sd: dict | None, source: str, name: str | None) -> UniUltraModel:
+    sam = build_sam2_base(arch, image_size)
+    if base_sd is not None:
+        _load(sam, base_sd, source)
+    if arch.is_student and peft is None:
+        # A student is a CH-Adapter model by construction (UniUltra-mini).
+        peft = "ch-adapter"
+    desc = apply_peft(sam, peft, scope, **options)
+    if arch.is_student and desc["method"] == "ch-adapter":
+        for p in sam.image_encoder.parameters():
+            p.requires_grad_(True)  # students train their whole encoder (no pre-trained trunk)
+    return UniUltraModel(sam, arch, image_size, desc, name)
+
+
+def _load(module: torch.nn.Module, sd: dict, source: str) -> None:
+    try:
+        load_state_strict(module, sd, source)
+    except RuntimeError as e:  # size mismatch
+        first = str(e).strip().splitlines()[-1].strip()[:200]
+        raise InputError(f"checkpoint {source} does not match the model: {first}") from None
+
+
+def resolve_model(name_or_path: str) -> tuple[ModelEntry | None, Path | None]:
+    """Registry entry and/or local weights path for a model name or a file path."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".pt", ".pth", ".ckpt") or p.is_file():
+        return None, p
+    try:
+        entry = get_entry(name_or_path)
+    except KeyError as e:
+        raise InputError(str(e.args[0])) from None
+    return entry, entry.local_path()
+
+
+def build_model(
+    name_or_path: str,
+    image_size: int | None = None,
+    peft: str | None = None,
+    peft_options: dict | None = None,
+    scope: str = "encoder+decoder",
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+) -> UniUltraModel:
+    """Build a model from a registry name, an architecture name or a checkpoint file.
+
+    - architecture name (``sam2.1-hiera-tiny``, ``uniultra-mini``...): random weights.
+    - registry name: its weights (bundled, installed or trained here); a missing download
+      raises an error with the URL to fetch it from.  ``random_init`` skips the weights.
+    - a ``.pt`` file: Meta's ``{"model": ...}`` (architecture inferred from the keys) or a
+      UniUltra checkpoint (full or adapter-only), rebuilt exactly as it was trained.
+    ``peft``/``peft_options`` add an adaptation on top (for training); a UniUltra checkpoint
+    that already carries one keeps it.
+    """
+    options = dict(peft_options or {})
+    try:
+        arch = canonical_arch(name_or_path)
+    except ValueError:
+        arch = None
+    if arch is not None:
+        size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
+        return _assemble(arch, size, peft, scope, options, None, arch.name, None).to(device)
+
+    entry, path = resolve_model(name_or_path)
+    if entry is not None and random_init:
+        return _assemble(canonical_arch(entry.arch), check_image_size(image_size or entry.image_size),
+                         peft, scope, options, None, entry.name, entry.name).to(device)
+    if path is None or not path.is_file():
+        if entry is not None and entry.url:
+            raise InputError(
+                f"weights of model {entry.name!r} are not installed: download {entry.url} to {path} "
+                "(or use the model manager in Slicer)"
+            )
+        raise InputError(f"weights of model {name_or_path!r} are missing at {path}: check the path")
+    ckpt = read_checkpoint(path, entry.sha256 if entry is not None else None)
+    info = ckpt.get("uniultra")
+    name = entry.name if entry is not None else Path(path).stem
+    if info is None:  # a bare Meta checkpoint
+        arch = canonical_arch(entry.arch) if entry is not None else infer_arch_from_state_dict(ckpt["model"])
+        size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
+        return _assemble(arch, size, peft, scope, options, ckpt["model"], str(path), name).to(device)
+
+    arch = canonical_arch(info["arch"])
+    size = int(info["image_size"])
+    if image_size and int(image_size) != size:
+        raise InputError(f"model {name_or_path} was trained at {size} px; --image-size {image_size} cannot be used")
+    saved = info.get("peft") or {}
+    if "trained" in ckpt:  # adapter-only: rebuild the base, then load the trained subset
+        base = build_model(info["base"], image_size=size, device="cpu")
+        sha = info.get("base_sha256")
+        if sha and base.name and (bp := resolve_model(info["base"])[1]) is not None and bp.is_file():
+            from uniultra.models.checkpoint import sha256_file
+
+            if sha256_file(bp) != sha:
+                raise InputError(f"checkpoint {path} was trained on a different {info['base']} (SHA-256 differs)")
+        sam = base.sam
+        desc = apply_peft(sam, saved.get("method"), saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
+        missing = set(ckpt["trained"]) - set(dict(sam.named_parameters()))
+        if missing:
+            raise InputError(f"checkpoint {path} holds parameters the model lacks, e.g. {sorted(missing)[:3]}")
+        sam.load_state_dict(ckpt["trained"], strict=False)
+        model = UniUltraModel(sam, arch, size, desc, name)
+    else:
+        sam = build_sam2_base(arch, size)
+        desc = apply_peft(sam, saved.get("method"), saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
+        _load(sam, ckpt["model"], str(path))
+        model = UniUltraModel(sam, arch, size, desc, name)
+    if peft is not None and peft != desc["method"]:
+        apply_peft(model.sam, peft, scope, **options)
+        model.peft = {"method": peft, "scope": scope, "options": options, "base_peft": desc}
+    return model.to(device)

@@ -1,0 +1,5 @@
+"""User-facing errors: one line that names the input and says what to do."""
+
+
+class InputError(ValueError):
+    """Bad input from the user (file, prompt, option). The CLI prints it and exits with 2."""

@@ -1,0 +1,307 @@
+"""Parameter-efficient adaptation methods, selectable by name, and their freezing rules.
+
+Every method modifies a built SAM2 model in place and leaves the base model's state-dict keys
+untouched (new modules get new keys; wrapped layers keep theirs by class swap or hooks), so a
+Meta checkpoint loads strictly into the base before or after adaptation.
+
+Methods (``apply_peft(sam, method, scope, **options)``):
+- ``ch-adapter``  UniUltra's CH-Adapter in every Hiera block (see ch_adapter.py).
+- ``lora``        LoRA (rank r, on q and v) in the encoder attention and/or the decoder attention.
+- ``adapter``     finetune-SAM's Adapter: after attention (residual) and parallel to the MLP
+                  (scale 0.5) in chosen Hiera blocks, and parallel to the MLP of the first
+                  two-way block of the mask decoder.
+- ``cnn-branch``  SAM-UNet's ResNet branch, added to the token map before each global block.
+- ``full``        everything trainable.
+- ``decoder``     only the prompt encoder and mask decoder train.
+- ``none``        everything frozen (inference).
+
+``scope`` is ``"encoder+decoder"`` (default) or ``"decoder"``: with ``"decoder"`` nothing in the
+image encoder is adapted or updated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from sam2.modeling.backbones.hieradet import Hiera
+from torch import nn
+
+from uniultra.models.ch_adapter import add_ch_adapters
+
+METHODS = ("ch-adapter", "lora", "adapter", "cnn-branch", "full", "decoder", "none")
+SCOPES = ("encoder+decoder", "decoder")
+DECODER_PARTS = ("sam_prompt_encoder", "sam_mask_decoder")
+
+
+# ----------------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Linear):
+    """nn.Linear plus low-rank updates on chosen slices of its output (installed by class swap).
+
+    ``lora_A[i] @ lora_B[i]`` adds to output rows ``slices[i]``; B starts at zero so the adapted
+    layer is initially identical to the base layer.
+    """
+
+    lora_A: nn.ParameterList
+    lora_B: nn.ParameterList
+    lora_slices: list[tuple[int, int]]
+    lora_scale: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = F.linear(x, self.weight, self.bias)
+        if not self.lora_slices:
+            return out
+        parts = []
+        cursor = 0
+        for (start, end), a, b in zip(self.lora_slices, self.lora_A, self.lora_B):
+            if start > cursor:
+                parts.append(out.new_zeros(*out.shape[:-1], start - cursor))
+            parts.append(F.linear(F.linear(x, a), b) * self.lora_scale)
+            cursor = end
+        if cursor < out.shape[-1]:
+            parts.append(out.new_zeros(*out.shape[:-1], out.shape[-1] - cursor))
+        return out + torch.cat(parts, dim=-1)
+
+
+def add_lora(linear: nn.Linear, slices: list[tuple[int, int]], rank: int, alpha: float) -> list[nn.Parameter]:
+    """Turn ``linear`` into a LoRALinear with one rank-``rank`` update per output slice."""
+    linear.__class__ = LoRALinear
+    dev, dt = linear.weight.device, linear.weight.dtype
+    linear.lora_A = nn.ParameterList()
+    linear.lora_B = nn.ParameterList()
+    for start, end in slices:
+        a = torch.empty(rank, linear.in_features, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        linear.lora_A.append(nn.Parameter(a))
+        linear.lora_B.append(nn.Parameter(torch.zeros(end - start, rank, device=dev, dtype=dt)))
+    linear.lora_slices = list(slices)
+    linear.lora_scale = alpha / rank
+    return [*linear.lora_A, *linear.lora_B]
+
+
+def _lora_encoder(trunk: Hiera, rank: int, alpha: float) -> list[nn.Parameter]:
+    params = []
+    for blk in trunk.blocks:
+        d = blk.attn.dim_out
+        params += add_lora(blk.attn.qkv, [(0, d), (2 * d, 3 * d)], rank, alpha)  # q and v
+    return params
+
+
+def _lora_decoder(sam: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
+    from sam2.modeling.sam.transformer import Attention
+
+    params = []
+    for mod in sam.sam_mask_decoder.transformer.modules():
+        if isinstance(mod, Attention):
+            for lin in (mod.q_proj, mod.v_proj):
+                params += add_lora(lin, [(0, lin.out_features)], rank, alpha)
+    return params
+
+
+# -------------------------------------------------------------------- finetune-SAM Adapter
+class BottleneckAdapter(nn.Module):
+    """Linear(d -> d/4) -> GELU -> Linear(d/4 -> d); the up-projection starts at zero."""
+
+    def __init__(self, dim: int, reduction: int = 4):
+        super().__init__()
+        self.down = nn.Linear(dim, max(1, dim // reduction))
+        self.act = nn.GELU()
+        self.up = nn.Linear(max(1, dim // reduction), dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.up(self.act(self.down(x)))
+
+
+def _residual_adapter_hook(mod: nn.Module, _inp, out: torch.Tensor) -> torch.Tensor:
+    return out + mod.adapter(out)
+
+
+def _parallel_adapter_hook(mod: nn.Module, inp, out: torch.Tensor) -> torch.Tensor:
+    return out + 0.5 * mod.adapter(inp[0])
+
+
+def _attach_adapter_hooks(attn: nn.Module | None, mlp: nn.Module, dim: int, reduction: int) -> list[nn.Parameter]:
+    """Adapters as children of the hooked layers (so they are saved, copied and moved with
+    the model), wired in with module-level forward hooks (no closures: deepcopy-safe)."""
+    device = next(mlp.parameters()).device
+    params = []
+    if attn is not None:
+        attn.adapter = BottleneckAdapter(dim, reduction).to(device)
+        attn.register_forward_hook(_residual_adapter_hook)
+        params += list(attn.adapter.parameters())
+    mlp.adapter = BottleneckAdapter(dim, reduction).to(device)
+    mlp.register_forward_hook(_parallel_adapter_hook)
+    params += list(mlp.adapter.parameters())
+    return params
+
+
+def _adapter_encoder(trunk: Hiera, blocks: Iterable[int] | None, reduction: int) -> list[nn.Parameter]:
+    n = len(trunk.blocks)
+    chosen = sorted({b % n for b in blocks}) if blocks is not None else sorted({0, 1, n - 2, n - 1})
+    params = []
+    for i in chosen:
+        blk = trunk.blocks[i]
+        params += _attach_adapter_hooks(blk.attn, blk.mlp, blk.dim_out, reduction)
+    return params
+
+
+def _adapter_decoder(sam: nn.Module, n_blocks: int, reduction: int) -> list[nn.Parameter]:
+    params = []
+    for layer in list(sam.sam_mask_decoder.transformer.layers)[:n_blocks]:
+        params += _attach_adapter_hooks(None, layer.mlp, layer.mlp.layers[-1].out_features, reduction)
+    return params
+
+
+# ------------------------------------------------------------------ SAM-UNet CNN branch
+class CNNBranch(nn.Module):
+    """A ResNet run beside the frozen trunk; its stage maps are projected to the token grid.
+
+    Stage s of the Hiera trunk (stride 4 * 2**s) receives ResNet layer s+1 (same stride),
+    projected by a zero-initialised 1x1 conv, added just before each global-attention block.
+    """
+
+    def __init__(self, trunk: Hiera, depth: int = 34):
+        super().__init__()
+        ctor = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+                50: torchvision.models.resnet50}
+        if depth not in ctor:
+            raise ValueError(f"cnn-branch depth {depth} is not supported: use 18, 34 or 50")
+        net = ctor[depth](weights=None)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        mult = 4 if depth == 50 else 1
+        cnn_channels = [64 * mult, 128 * mult, 256 * mult, 512 * mult]
+        self.inject_blocks = [int(b) for b in trunk.global_att_blocks]
+        stage_of = []
+        for i in range(len(trunk.blocks)):
+            stage_of.append(sum(1 for e in trunk.stage_ends if e < i))
+        self.block_stage = {b: stage_of[b] for b in self.inject_blocks}
+        self.proj = nn.ModuleDict()
+        for b in self.inject_blocks:
+            s = self.block_stage[b]
+            conv = nn.Conv2d(cnn_channels[s], trunk.blocks[b].dim, kernel_size=1)
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            self.proj[str(b)] = conv
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:  # noqa: D102
+        x = self.stem(image)
+        maps = []
+        for layer in self.layers:
+            x = layer(x)
+            maps.append(x)
+        return maps
+
+
+class CNNBranchHiera(Hiera):
+    """Hiera trunk with SAM-UNet's parallel CNN branch (installed by class swap)."""
+
+    cnn_branch: CNNBranch
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:  # noqa: D102
+        cnn_maps = self.cnn_branch(image)
+        x = self.patch_embed(image)
+        x = x + self._get_pos_embed(x.shape[1:3])
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            if i in self.cnn_branch.block_stage:
+                feat = cnn_maps[self.cnn_branch.block_stage[i]]
+                feat = self.cnn_branch.proj[str(i)](feat)
+                if feat.shape[-2:] != x.shape[1:3]:
+                    feat = F.interpolate(feat, size=x.shape[1:3], mode="bilinear", align_corners=False)
+                x = x + feat.permute(0, 2, 3, 1)
+            x = blk(x)
+            if (i == self.stage_ends[-1]) or (i in self.stage_ends and self.return_interm_layers):
+                outputs.append(x.permute(0, 3, 1, 2))
+        return outputs
+
+
+def _cnn_branch(trunk: Hiera, depth: int) -> list[nn.Parameter]:
+    branch = CNNBranch(trunk, depth).to(trunk.pos_embed.device)
+    trunk.__class__ = CNNBranchHiera
+    trunk.cnn_branch = branch
+    return list(branch.parameters())
+
+
+# ----------------------------------------------------------------------------- apply
+def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder", **options) -> dict:
+    """Adapt ``sam`` in place and set ``requires_grad`` by the method's freezing rules.
+
+    Returns a description (method, scope, options) that is stored in checkpoints so that the
+    same model can be rebuilt.
+    """
+    method = (method or "none").lower()
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptation method {method!r}: choose one of {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown update scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    known = {"lora": {"rank", "alpha", "decoder"}, "adapter": {"blocks", "reduction", "decoder_blocks"},
+             "ch-adapter": {"reduction"}, "cnn-branch": {"depth"}}.get(method, set())
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"option(s) {sorted(unknown)} do not apply to method {method!r}; "
+                         f"it takes {sorted(known) or 'no options'}")
+    trunk = sam.image_encoder.trunk
+    encoder = scope == "encoder+decoder"
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    new: list[nn.Parameter] = []
+
+    def unfreeze(*names: str) -> None:
+        for name in names:
+            if name == "outside-encoder":
+                for n, p in sam.named_parameters():
+                    if not n.startswith("image_encoder."):
+                        p.requires_grad_(True)
+            else:
+                for p in getattr(sam, name).parameters():
+                    p.requires_grad_(True)
+
+    if method == "ch-adapter":
+        if encoder:
+            for mod in add_ch_adapters(trunk, int(options.get("reduction", 4))):
+                new += list(mod.parameters())
+        unfreeze("outside-encoder")
+    elif method == "lora":
+        rank, alpha = int(options.get("rank", 4)), float(options.get("alpha", options.get("rank", 4)))
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if encoder:
+            new += _lora_encoder(trunk, rank, alpha)
+        if options.get("decoder", True) or not encoder:
+            new += _lora_decoder(sam, rank, alpha)
+    elif method == "adapter":
+        reduction = int(options.get("reduction", 4))
+        if encoder:
+            new += _adapter_encoder(trunk, options.get("blocks"), reduction)
+        new += _adapter_decoder(sam, int(options.get("decoder_blocks", 1)), reduction)
+    elif method == "cnn-branch":
+        if encoder:
+            new += _cnn_branch(trunk, int(options.get("depth", 34)))
+        unfreeze(*DECODER_PARTS)
+    elif method == "full":
+        if encoder:
+            for p in sam.parameters():
+                p.requires_grad_(True)
+        else:
+            unfreeze(*DECODER_PARTS)
+    elif method == "decoder":
+        unfreeze(*DECODER_PARTS)
+    for p in new:
+        p.requires_grad_(True)
+    return {"method": method, "scope": scope, "options": dict(options)}
+
+
+def updated_parameter_names(sam: nn.Module) -> list[str]:
+    """Trainable parameters that receive gradients in single-image (non-video) training.
+
+    Memory attention, memory encoder and the object-pointer heads are only used on video; in
+    single-image training SAM2 runs the image encoder, adds ``no_mem_embed`` and decodes.
+    """
+    used = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+    return [n for n, p in sam.named_parameters() if p.requires_grad and n.startswith(used)]
