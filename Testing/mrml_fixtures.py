@@ -1,0 +1,83 @@
+"""Shared helpers for the MRML tests (real slicer-core, no fake slicer module).
+
+Import with `from mrml_fixtures import ...`; `mrml_context` (a fixture generator) gives a fresh scene with the
+application, Segmentations and Sequences logics registered.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "UniUltraSegment") not in sys.path:
+    sys.path.insert(0, str(REPO / "UniUltraSegment"))
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) is needed for MRML tests")
+import vtk  # noqa: E402
+from UniUltraSegmentLib.context import create_context  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+
+# Slicer's slice orientation presets (SliceToRAS rotation part)
+AXIAL = np.array([[-1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+SAGITTAL = np.array([[0, 0, -1], [-1, 0, 0], [0, 1, 0]], float)
+CORONAL = np.array([[-1, 0, 0], [0, 0, 1], [0, 1, 0]], float)
+
+
+def mrml_context():
+    """Generator for a `ctx` fixture: each test file defines
+    `ctx = pytest.fixture(mrml_context)` (importing a fixture by name would trip ruff's F811)."""
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    c = create_context()
+    yield c
+    c.scene.Clear(1)
+
+
+def np_to_vtk_matrix(m: np.ndarray):
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r, c]))
+    return out
+
+
+def make_volume(ctx, arr: np.ndarray, ijk_to_ras: np.ndarray | None = None, name: str = "vol", rgb: bool = False):
+    """Scalar (K, J, I) or RGB vector (K, J, I, 3) volume node from a numpy array."""
+    from vtk.util import numpy_support
+
+    arr = np.ascontiguousarray(arr)
+    node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    image = vtk.vtkImageData()
+    k, j, i = arr.shape[:3]
+    image.SetDimensions(i, j, k)
+    ncomp = arr.shape[3] if arr.ndim == 4 else 1
+    vtype = numpy_support.get_vtk_array_type(arr.dtype)
+    image.AllocateScalars(vtype, ncomp)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = arr.reshape(-1, ncomp).squeeze()
+    node.SetAndObserveImageData(image)
+    if ijk_to_ras is None:
+        ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])  # how Slicer loads a 2D image (LPS)
+    node.SetIJKToRASMatrix(np_to_vtk_matrix(ijk_to_ras))
+    ctx.scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def slice_to_ras(rotation: np.ndarray, offset: float, in_plane=(0.0, 0.0)) -> np.ndarray:
+    """A SliceToRAS matrix with the given orientation whose plane is at `offset` along the normal."""
+    m = np.eye(4)
+    m[:3, :3] = rotation
+    m[:3, 3] = rotation[:, 2] * offset + rotation[:, 0] * in_plane[0] + rotation[:, 1] * in_plane[1]
+    return m
+
+
+def rotation(axis, degrees: float) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
