@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad input from the user (file, prompt, option). The CLI prints it and exits with 2."""
+
+
+class Cancelled(RuntimeError):
+    """The user cancelled long work; nothing partial was written."""

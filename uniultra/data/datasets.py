@@ -1,0 +1,488 @@
+"""Datasets: the uniform folder layout, instances, weighted mixing, a torch training dataset,
+COCO instance JSON (both ways) and image/label volume pairs.
+
+Uniform layout (see /work/shared/data/README.md)::
+
+    <root>/images/<id>.png   <root>/masks/<id>.png   <root>/split.csv (id,split[,clip,frame])
+    <root>/meta.json
+
+Instances: one per 8-connected component per non-zero label value (255 is a label like any
+other), optionally dropping components smaller than ``min_area_frac`` of the image
+(SAM-UNet drops < 0.153%: ``min_area_frac=0.00153``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from uniultra.data import prompts as P
+from uniultra.data.io import atomic_write, read_image, read_itk, read_mask
+from uniultra.data.transforms import (
+    box_to_model,
+    image_to_model_coords,
+    normalize_tensor,
+    resize_chw,
+    resize_mask,
+)
+from uniultra.errors import InputError
+
+SAM_UNET_MIN_AREA = 0.00153
+_EIGHT = np.ones((3, 3), bool)
+
+
+@dataclass
+class Record:
+    id: str
+    image: Path
+    mask: Path | None
+    split: str
+    clip: str | None = None
+    frame: int | None = None
+
+
+@dataclass
+class Instance:
+    mask: np.ndarray  # bool (H, W)
+    label: int
+    box: tuple[int, int, int, int]  # inclusive pixel box
+    area: int
+
+
+def mask_instances(label_map: np.ndarray, min_area_frac: float = 0.0, connectivity: int = 8) -> list[Instance]:
+    """Split a label map into instances: one per connected component per non-zero label value,
+    ordered by label then by component (scan order).  Components with area < ``min_area_frac *
+    H * W`` are dropped."""
+    lm = np.asarray(label_map)
+    if lm.ndim == 3:
+        lm = np.where(lm.max(axis=2) > 0, 255, 0)
+    if lm.dtype == np.bool_:
+        lm = lm.astype(np.uint8)
+    h, w = lm.shape
+    min_area = min_area_frac * h * w
+    struct = _EIGHT if connectivity == 8 else None
+    out: list[Instance] = []
+    for v in np.unique(lm):
+        if v == 0:
+            continue
+        lab, n = ndi.label(lm == v, structure=struct)
+        if n == 0:
+            continue
+        areas = np.bincount(lab.ravel(), minlength=n + 1)
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            if sl is None or areas[i] < min_area or areas[i] == 0:
+                continue
+            m = lab == i
+            box = (sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1)
+            out.append(Instance(m, int(v), tuple(int(b) for b in box), int(areas[i])))
+    return out
+
+
+class UniformDataset:
+    """Records of one dataset in the uniform layout.
+
+    ``split``: ``"train" | "val" | "test"``, a list of them, or ``None``/``"all"`` for everything.
+    ``records[i]`` is a :class:`Record`; :meth:`load` reads the image and its label map;
+    :meth:`instances` the :class:`Instance` list; :meth:`clips` groups cine frames by clip."""
+
+    def __init__(self, root, split: str | Sequence[str] | None = "train", min_area_frac: float = 0.0):
+        self.root = Path(root)
+        self.name = self.root.name
+        self.min_area_frac = float(min_area_frac)
+        csv_path = self.root / "split.csv"
+        if not csv_path.is_file():
+            raise InputError(
+                f"'{self.root}' is not a dataset folder (no split.csv); pass a folder with images/, masks/ and split.csv"
+            )
+        splits = None if split in (None, "all") else ({split} if isinstance(split, str) else set(split))
+        self.split = split
+        self.records: list[Record] = []
+        with open(csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                if splits is not None and row.get("split") not in splits:
+                    continue
+                rid = row["id"]
+                img = self._find(self.root / "images", rid)
+                if img is None:
+                    raise InputError(f"image for id '{rid}' is missing in '{self.root / 'images'}'; fix split.csv or add it")
+                msk = self._find(self.root / "masks", rid)
+                clip = row.get("clip") or None
+                frame = row.get("frame")
+                self.records.append(Record(rid, img, msk, row.get("split", ""), clip,
+                                           int(frame) if frame not in (None, "") else None))
+        meta = self.root / "meta.json"
+        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
+
+    @staticmethod
+    def _find(folder: Path, rid: str) -> Path | None:
+        p = folder / f"{rid}.png"
+        if p.is_file():
+            return p
+        hits = sorted(folder.glob(f"{rid}.*"))
+        return hits[0] if hits else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        r = self.records[i]
+        img = read_image(r.image)
+        if r.mask is None:
+            return img, np.zeros(img.shape[:2], np.uint8)
+        m = read_mask(r.mask)
+        if m.shape != img.shape[:2]:
+            raise InputError(f"mask '{r.mask}' has shape {m.shape} but its image is {img.shape[:2]}; fix the mask")
+        return img, m
+
+    def instances(self, i: int, label_map: np.ndarray | None = None) -> list[Instance]:
+        if label_map is None:
+            label_map = self.load(i)[1]
+        return mask_instances(label_map, self.min_area_frac)
+
+    def clips(self) -> dict[str, list[int]]:
+        """clip -> record indices sorted by frame (records without a clip are left out)."""
+        out: dict[str, list[int]] = {}
+        for i, r in enumerate(self.records):
+            if r.clip is not None:
+                out.setdefault(r.clip, []).append(i)
+        for k in out:
+            out[k].sort(key=lambda j: (self.records[j].frame if self.records[j].frame is not None else 0))
+        return out
+
+
+def find_datasets(root) -> list[Path]:
+    """``root`` itself when it holds split.csv, else its sub-folders that do (sorted)."""
+    root = Path(root)
+    if (root / "split.csv").is_file():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / "split.csv").is_file()) if root.is_dir() else []
+    if not found:
+        raise InputError(f"no dataset found in '{root}' (no split.csv there or in its sub-folders); check the path")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+class Combined(torch.utils.data.ConcatDataset):
+    """Concatenation with per-dataset sampling weights.  ``sample_weights`` gives each item the
+    weight ``w_d / len(d)`` so that dataset d is drawn with probability ``w_d / sum(w)``."""
+
+    def __init__(self, datasets, weights=None):
+        super().__init__(datasets)
+        w = np.ones(len(datasets)) if weights is None else np.asarray(weights, np.float64)
+        if len(w) != len(datasets) or (w < 0).any() or w.sum() <= 0:
+            raise InputError("dataset weights must be one non-negative number per dataset, not all zero")
+        self.weights = w / w.sum()
+        per = [np.full(len(d), wd / max(len(d), 1)) for d, wd in zip(datasets, self.weights)]
+        self.sample_weights = np.concatenate(per) if per else np.zeros(0)
+
+    def sampler(self, num_samples: int | None = None, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
+        g = torch.Generator().manual_seed(seed)
+        return torch.utils.data.WeightedRandomSampler(torch.as_tensor(self.sample_weights, dtype=torch.double),
+                                                      num_samples or len(self), replacement=True, generator=g)
+
+    def sample_indices(self, n: int, rng=None) -> np.ndarray:
+        rng = P.as_rng(rng)
+        return rng.choice(len(self), size=n, p=self.sample_weights / self.sample_weights.sum())
+
+
+def combine(datasets, weights=None) -> Combined:
+    """Weighted mixture of datasets (see :class:`Combined`)."""
+    return Combined(list(datasets), weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation (image in [0,1] float (H, W, 3), label map integer (H, W))
+def augment_pair(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
+                 flip_p: float = 0.5, rot_deg: float = 10.0, scale: float = 0.1, shift: float = 0.05,
+                 gain: float = 0.2, contrast: float = 0.2, gamma: float = 0.3, speckle: float = 0.15):
+    """Ultrasound-friendly augmentations: horizontal flip, small affine (rotation, scale,
+    translation; nearest for labels), gain / contrast / gamma, speckle-like multiplicative noise."""
+    h, w = lab.shape
+    if rng.random() < flip_p:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    th = np.deg2rad(rng.uniform(-rot_deg, rot_deg))
+    s = np.exp(rng.uniform(-scale, scale))
+    t = rng.uniform(-shift, shift, 2) * np.array([h, w])
+    if abs(th) > 1e-6 or abs(s - 1) > 1e-6 or np.any(np.abs(t) > 1e-6):
+        c, sn = np.cos(th), np.sin(th)
+        mat = np.array([[c, -sn], [sn, c]]) / s  # output -> input (row, col)
+        ctr = np.array([(h - 1) / 2, (w - 1) / 2])
+        off = ctr - mat @ (ctr + t)
+        img = np.stack([ndi.affine_transform(img[:, :, k], mat, off, order=1, mode="constant", cval=0.0)
+                        for k in range(img.shape[2])], axis=2)
+        lab = ndi.affine_transform(lab, mat, off, order=0, mode="constant", cval=0)
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    g = np.exp(rng.uniform(-gain, gain))
+    cst = np.exp(rng.uniform(-contrast, contrast))
+    mean = img.mean()
+    img = np.clip((img - mean) * cst + mean, 0, 1) * g
+    img = np.clip(img, 0, 1) ** np.exp(rng.uniform(-gamma, gamma))
+    if speckle > 0:
+        sigma = rng.uniform(0, speckle)
+        noise = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 0.7)
+        noise = noise / (noise.std() + 1e-8)
+        img = img * (1.0 + sigma * noise)[:, :, None]
+    return np.clip(img, 0, 1).astype(np.float32), np.ascontiguousarray(lab)
+
+
+class PromptSegDataset(torch.utils.data.Dataset):
+    """Fixed-size training samples with simulated prompts.
+
+    Each item is a dict of tensors (default-collatable):
+
+    * ``image`` ``[3, S, S]`` float32 ImageNet-normalised,
+    * ``masks`` ``[N, M, M]`` float32 0/1 GT per instance (``M = S // mask_div``, default S/4),
+    * ``boxes`` ``[N, 4]`` model-space boxes (zeros where the prompt has no box), ``has_box`` ``[N]``,
+    * ``point_coords`` ``[N, P, 2]`` model space, ``point_labels`` ``[N, P]`` (1/0, -1 = padding),
+    * ``valid`` ``[N]`` bool (padding rows are False), ``index`` the source index.
+
+    ``N = max_instances`` (instances drawn at random without replacement when there are more),
+    ``P = n_pos + n_neg`` (at least 1).  Randomness is seeded by ``(seed, epoch, index)``; call
+    :meth:`set_epoch` each epoch.  Augmentation only when ``augment=True``.
+    ``source``: a :class:`UniformDataset` or any object with ``__len__`` and ``load(i) -> (image, label_map)``.
+    """
+
+    def __init__(self, source, size: int = 1024, mask_div: int = 4, max_instances: int = 1,
+                 prompt: str = "mixed", jitter: float = 0.05, shift_px: float = 0, n_pos: int = 1, n_neg: int = 0,
+                 augment: bool = False, min_area_frac: float = 0.0, seed: int = 0, aug_options: dict | None = None):
+        if prompt not in P.PROMPT_KINDS:
+            raise InputError(f"unknown prompt kind '{prompt}'; use one of {', '.join(P.PROMPT_KINDS)}")
+        self.source, self.size, self.mask_div = source, int(size), int(mask_div)
+        self.max_instances, self.prompt, self.jitter, self.shift_px = int(max_instances), prompt, jitter, shift_px
+        self.n_pos, self.n_neg, self.augment = int(n_pos), int(n_neg), bool(augment)
+        self.min_area_frac = float(min_area_frac)
+        self.seed, self.epoch = int(seed), 0
+        self.aug_options = aug_options or {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        from uniultra.data.transforms import scale_intensity
+
+        image, lab = self.source.load(i)
+        img = scale_intensity(image)
+        if self.augment:
+            img, lab = augment_pair(img, np.asarray(lab), rng, **self.aug_options)
+        h, w = lab.shape
+        inst = mask_instances(lab, self.min_area_frac)
+        if len(inst) > self.max_instances:
+            pick = rng.choice(len(inst), self.max_instances, replace=False)
+            inst = [inst[k] for k in sorted(pick)]
+        S, M = self.size, self.size // self.mask_div
+        N, Pn = self.max_instances, max(1, self.n_pos + self.n_neg)
+        x = normalize_tensor(resize_chw(torch.from_numpy(img).permute(2, 0, 1).contiguous(), S))
+        masks = torch.zeros(N, M, M)
+        boxes = torch.zeros(N, 4)
+        has_box = torch.zeros(N, dtype=torch.bool)
+        pc = torch.zeros(N, Pn, 2)
+        pl = torch.full((N, Pn), -1, dtype=torch.long)
+        valid = torch.zeros(N, dtype=torch.bool)
+        union = np.any(np.stack([t.mask for t in inst]), 0) if inst else None
+        for k, t in enumerate(inst):
+            pr = P.simulate_prompt(t.mask, rng, self.prompt, self.jitter, self.shift_px, self.n_pos, self.n_neg,
+                                   avoid=union)
+            masks[k] = resize_mask(t.mask, M)
+            if pr.box is not None:
+                boxes[k] = torch.as_tensor(box_to_model(pr.box, (h, w), S), dtype=torch.float32)
+                has_box[k] = True
+            if len(pr.points):
+                n = min(len(pr.points), Pn)
+                pc[k, :n] = torch.as_tensor(image_to_model_coords(pr.points[:n], (h, w), S), dtype=torch.float32)
+                pl[k, :n] = torch.as_tensor(pr.labels[:n])
+            valid[k] = True
+        return {"image": x, "masks": masks, "boxes": boxes, "has_box": has_box, "point_coords": pc,
+                "point_labels": pl, "valid": valid, "index": int(i)}
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO instance JSON
+def _rle_encode(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mu
+
+    r = mu.encode(np.asfortranarray((np.asarray(mask) != 0).astype(np.uint8)))
+    r["counts"] = r["counts"].decode("ascii")
+    return r
+
+
+def mask_to_polygons(mask: np.ndarray, min_points: int = 3) -> list[list[float]]:
+    """Outer contours of a binary mask as COCO polygons ``[x0, y0, x1, y1, ...]`` (pixel-centre
+    coordinates; lossy: use RLE for exact masks)."""
+    import contourpy
+
+    m = np.pad((np.asarray(mask) != 0).astype(np.float64), 1)
+    gen = contourpy.contour_generator(z=m, line_type=contourpy.LineType.Separate)
+    polys = []
+    for line in gen.lines(0.5):
+        if len(line) < min_points:
+            continue
+        xy = line - 1.0  # undo the padding
+        polys.append([float(v) for v in xy.reshape(-1)])
+    return polys
+
+
+def write_coco(path, items, categories: dict[int, str] | None = None, polygons: bool = False,
+               min_area_frac: float = 0.0, info: dict | None = None) -> Path:
+    """Write COCO instance JSON (UltraSam's format: one annotation per connected component per
+    label value, RLE masks unless ``polygons=True``), atomically.
+
+    ``items``: iterable of ``(file_name, label_map)`` pairs, or a :class:`UniformDataset` (file names
+    relative to its root).  ``categories``: label value -> name (default: every value found, named
+    by the dataset's meta.json when available)."""
+    images, anns, found = [], [], {}
+    meta_labels = {}
+    if isinstance(items, UniformDataset):
+        ds = items
+        meta_labels = {int(k): v for k, v in ds.meta.get("labels", {}).items()}
+        items = ((str(r.image.relative_to(ds.root)), ds.load(k)[1]) for k, r in enumerate(ds.records))
+    for file_name, lab in items:
+        lab = np.asarray(lab)
+        iid = len(images) + 1
+        images.append({"id": iid, "file_name": str(file_name), "height": int(lab.shape[0]), "width": int(lab.shape[1])})
+        for t in mask_instances(lab, min_area_frac):
+            found.setdefault(t.label, meta_labels.get(t.label, f"label_{t.label}"))
+            x0, y0, x1, y1 = t.box
+            seg = mask_to_polygons(t.mask) if polygons else _rle_encode(t.mask)
+            if polygons and not seg:
+                seg = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(t.label), "segmentation": seg,
+                         "area": float(t.area), "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+                         "iscrowd": 0})
+    cats = categories if categories is not None else found
+    doc = {"info": info or {"description": "written by uniultra"}, "images": images, "annotations": anns,
+           "categories": [{"id": int(k), "name": str(v)} for k, v in sorted(cats.items())]}
+    data = json.dumps(doc).encode()
+
+    def _w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, _w)
+
+
+def read_coco(path) -> dict[str, dict]:
+    """Read COCO instance JSON -> ``{file_name: {"height", "width", "instances": [Instance...]}}``.
+    Segmentations may be polygons, uncompressed RLE or compressed RLE; instance boxes are the tight
+    boxes of the decoded masks."""
+    from pycocotools import mask as mu
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"cannot read COCO file '{p}': file not found; check the path")
+    try:
+        doc = json.loads(p.read_text())
+        imgs = {im["id"]: im for im in doc["images"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot read COCO file '{p}': {e}; is it COCO instance JSON?") from e
+    out = {im["file_name"]: {"height": im["height"], "width": im["width"], "instances": []} for im in imgs.values()}
+    for a in doc.get("annotations", []):
+        im = imgs[a["image_id"]]
+        h, w = int(im["height"]), int(im["width"])
+        seg = a["segmentation"]
+        if isinstance(seg, list):
+            rles = mu.frPyObjects(seg, h, w)
+            rle = mu.merge(rles) if len(rles) else mu.encode(np.zeros((h, w), np.uint8, order="F"))
+        elif isinstance(seg.get("counts"), list):
+            rle = mu.frPyObjects(seg, h, w)
+        else:
+            rle = dict(seg)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        m = mu.decode(rle).astype(bool)
+        box = P.mask_box(m)
+        if box is None:
+            continue
+        out[im["file_name"]]["instances"].append(Instance(m, int(a.get("category_id", 1)), box, int(m.sum())))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Volume pairs
+def _label_volume_on_image(image_path, label_path):
+    """Read an image volume and a label volume resampled onto the image grid (nearest).  A Slicer
+    ``.seg.nrrd`` with several layers (vector pixels) is flattened: later layers overwrite."""
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(image_path))
+        lab = sitk.ReadImage(str(label_path))
+    except Exception as e:
+        raise InputError(f"cannot read volume pair '{image_path}' / '{label_path}': {e}; check both files") from e
+    if lab.GetNumberOfComponentsPerPixel() > 1:
+        layers = [sitk.VectorIndexSelectionCast(lab, k) for k in range(lab.GetNumberOfComponentsPerPixel())]
+        arr = np.zeros(sitk.GetArrayViewFromImage(layers[0]).shape, np.int32)
+        for k, layer in enumerate(layers):
+            a = sitk.GetArrayFromImage(layer).astype(np.int32)
+            arr = np.where(a != 0, a + 256 * k, arr)  # distinct values per layer
+        flat = sitk.GetImageFromArray(arr)
+        flat.CopyInformation(layers[0])
+        lab = flat
+    if img.GetNumberOfComponentsPerPixel() == 1:
+        ref = img
+    else:
+        ref = sitk.VectorIndexSelectionCast(img, 0)
+    same = (lab.GetSize() == ref.GetSize() and np.allclose(lab.GetSpacing(), ref.GetSpacing())
+            and np.allclose(lab.GetOrigin(), ref.GetOrigin()) and np.allclose(lab.GetDirection(), ref.GetDirection()))
+    if not same:
+        lab = sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, lab.GetPixelID())
+    return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), img.GetSpacing()
+
+
+def volume_pair_slices(image_path, label_path, axis: int = 0, skip_empty: bool = True):
+    """Slice an image volume and its label volume (NRRD, NIfTI, MHA, Slicer ``.seg.nrrd``; the label
+    is resampled onto the image grid when their geometry differs) into 2D pairs along numpy
+    ``axis`` of SimpleITK's ``[k, j, i]`` array (0 = k).  Returns a list of
+    ``(slice_index, image2d, label2d)``; empty label slices are skipped when ``skip_empty``."""
+    img, lab, _ = _label_volume_on_image(image_path, label_path)
+    if img.ndim < 3 or lab.ndim != 3:
+        raise InputError(f"'{image_path}' / '{label_path}' are not 3D volumes; pass 3D image and label volumes")
+    if not -3 <= axis < 3:
+        raise InputError(f"slice axis {axis} is invalid; use 0, 1 or 2")
+    out = []
+    for k in range(lab.shape[axis]):
+        ls = np.take(lab, k, axis=axis)
+        if skip_empty and not ls.any():
+            continue
+        out.append((k, np.ascontiguousarray(np.take(img, k, axis=axis)), np.ascontiguousarray(ls)))
+    return out
+
+
+class VolumePairDataset:
+    """A :class:`PromptSegDataset` source made of volume pairs sliced into 2D frames."""
+
+    def __init__(self, pairs: Sequence[tuple], axis: int = 0, skip_empty: bool = True):
+        self.items = []
+        for image_path, label_path in pairs:
+            for k, im, lb in volume_pair_slices(image_path, label_path, axis, skip_empty):
+                self.items.append((f"{Path(image_path).name}:{k}", im, lb))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int):
+        return self.items[i][1], self.items[i][2]
+
+
+def stable_seed(*parts) -> int:
+    """A process-independent integer from strings/ints (for per-item seeding)."""
+    return zlib.crc32("\x1f".join(str(p) for p in parts).encode())
+
+
+def read_volume(path):
+    """Read a volume with SimpleITK -> (array ``[k, j, i(, c)]``, info)."""
+    return read_itk(path)

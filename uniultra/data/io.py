@@ -1,0 +1,495 @@
+"""Image, frame and mask file I/O.
+
+Readers
+-------
+* :func:`read_image` -- one 2D image: PNG/JPG/TIFF/BMP (PIL), NRRD/NIfTI/MHA/MHD (SimpleITK; a
+  3D file with a single slice is squeezed), single-frame DICOM (pydicom, colour converted to RGB).
+* :func:`read_frames` -- a list of 2D frames from
+  - multi-frame DICOM (palette colour through its LUT, YBR converted to RGB, MONOCHROME1 inverted),
+  - a Slicer sequence ``.seq.nrrd`` (the NRRD axis whose kind is ``list`` is the frame axis; a
+    ``vector``/``RGB-color`` axis is the colour axis),
+  - a 3D volume (``.nrrd``, ``.nii``, ``.nii.gz``, ``.mha``, ...) sliced along ``axis`` of the numpy
+    array that SimpleITK returns (default ``axis=0``: ITK's slowest axis ``k``, i.e. one frame per
+    slice index k; each frame is the ``(j, i)`` plane),
+  - any 2D image (a one-frame list).
+Returned arrays are ``(H, W)`` grey or ``(H, W, 3)`` uint8 RGB in the file's own dtype.
+
+Writers (atomic: temporary file in the target folder, then ``os.replace``; a failure leaves no
+partial file): :func:`write_mask_png`, :func:`overlay_png`, :func:`write_seq_nrrd`.
+
+Every failure to read is a :class:`uniultra.errors.InputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from uniultra.data.transforms import to_uint8_rgb
+from uniultra.errors import InputError
+
+PIL_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+ITK_EXT = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".hdr", ".img")
+DICOM_EXT = (".dcm", ".dicom", ".ima")
+SUPPORTED = "PNG, JPG, TIFF, BMP, NRRD, NIfTI, MHA or DICOM"
+
+
+def _ext(path: Path) -> str:
+    name = path.name.lower()
+    for e in (".nii.gz", ".seq.nrrd", ".seg.nrrd"):
+        if name.endswith(e):
+            return e
+    return path.suffix.lower()
+
+
+def _check_file(path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"cannot read '{p}': file not found; check the path")
+    if p.is_dir():
+        raise InputError(f"cannot read '{p}': it is a folder; pass an image file")
+    return p
+
+
+def _is_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# PIL
+def _read_pil(p: Path) -> np.ndarray:
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif mode == "1":
+                im = im.convert("L")
+            elif mode == "LA":
+                im = im.getchannel(0)
+            elif mode == "PA":
+                im = im.convert("RGB")
+            a = np.array(im)
+    except InputError:
+        raise
+    except Exception as e:  # PIL raises many types
+        raise InputError(f"cannot read image '{p}': {type(e).__name__}: {e}; is it a valid image file?") from e
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    return np.ascontiguousarray(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimpleITK
+def read_itk(path) -> tuple[np.ndarray, dict]:
+    """Read any SimpleITK-supported file -> (numpy array in ITK ``[k, j, i(, c)]`` order, info)."""
+    import SimpleITK as sitk
+
+    p = _check_file(path)
+    try:
+        img = sitk.ReadImage(str(p))
+    except Exception as e:
+        raise InputError(f"cannot read '{p}': {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
+                         f"is it a valid NRRD/NIfTI/MHA file?") from e
+    a = sitk.GetArrayFromImage(img)
+    info = {
+        "spacing": tuple(img.GetSpacing()),
+        "origin": tuple(img.GetOrigin()),
+        "direction": tuple(img.GetDirection()),
+        "components": img.GetNumberOfComponentsPerPixel(),
+    }
+    return a, info
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+def _dicom_frames_array(p: Path) -> np.ndarray:
+    """Decoded pixel data of a DICOM file as ``[N, H, W(, 3)]`` with colour converted to RGB."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
+
+        ds = pydicom.dcmread(str(p))
+    except Exception as e:
+        raise InputError(f"cannot read DICOM '{p}': {e}; is it a DICOM file?") from e
+    if "PixelData" not in ds:
+        raise InputError(f"cannot read DICOM '{p}': it holds no image (no Pixel Data); pick an image series file")
+    try:
+        decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+        arr, meta = decoder.as_array(ds, as_rgb=True)
+    except Exception as e:
+        raise InputError(
+            f"cannot decode DICOM '{p}' (transfer syntax "
+            f"{getattr(ds.file_meta, 'TransferSyntaxUID', '?')}): {e}; install a decoder plugin (e.g. pylibjpeg) "
+            f"or convert the file"
+        ) from e
+    nframes = int(meta.get("number_of_frames") or ds.get("NumberOfFrames") or 1)
+    spp = int(meta.get("samples_per_pixel") or ds.get("SamplesPerPixel") or 1)
+    pi = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if nframes == 1:
+        arr = arr[None]
+    if spp == 1 and arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if pi == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as e:
+            raise InputError(f"cannot apply the colour palette of DICOM '{p}': {e}; the file may be damaged") from e
+        desc = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(desc[2]) if desc is not None and len(desc) > 2 else 8
+        if bits > 8 or rgb.max() > 255:
+            rgb = (rgb.astype(np.uint32) >> 8).astype(np.uint8)
+        arr = rgb.astype(np.uint8)
+    elif pi.startswith("YBR") and spp == 3:
+        src = "YBR_FULL" if pi in ("YBR_FULL", "YBR_FULL_422") else pi
+        try:
+            arr = convert_color_space(arr, src, "RGB")
+        except Exception:
+            arr = convert_color_space(arr, "YBR_FULL", "RGB")
+    elif pi == "MONOCHROME1":
+        arr = arr.max() - arr + arr.min() if arr.dtype.kind == "f" else (np.iinfo(arr.dtype).max - arr)
+        bits_stored = int(ds.get("BitsStored", 0) or 0)
+        if arr.dtype.kind == "u" and bits_stored and bits_stored < arr.dtype.itemsize * 8:
+            arr = arr - (np.iinfo(arr.dtype).max - (2**bits_stored - 1))
+    return np.ascontiguousarray(arr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minimal NRRD reader / writer (for Slicer .seq.nrrd with a "list" axis)
+_NRRD_TYPES = {
+    "signed char": "i1", "int8": "i1", "int8_t": "i1",
+    "uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
+    "short": "i2", "short int": "i2", "signed short": "i2", "signed short int": "i2", "int16": "i2",
+    "int16_t": "i2",
+    "ushort": "u2", "unsigned short": "u2", "unsigned short int": "u2", "uint16": "u2", "uint16_t": "u2",
+    "int": "i4", "signed int": "i4", "int32": "i4", "int32_t": "i4",
+    "uint": "u4", "unsigned int": "u4", "uint32": "u4", "uint32_t": "u4",
+    "longlong": "i8", "long long": "i8", "long long int": "i8", "signed long long": "i8",
+    "signed long long int": "i8", "int64": "i8", "int64_t": "i8",
+    "ulonglong": "u8", "unsigned long long": "u8", "unsigned long long int": "u8", "uint64": "u8",
+    "uint64_t": "u8",
+    "float": "f4", "double": "f8",
+}
+
+
+def read_nrrd_header(path) -> tuple[dict, int]:
+    """Parse an attached-data NRRD header -> (fields with lower-case keys, data byte offset)."""
+    p = _check_file(path)
+    fields: dict[str, str] = {}
+    with open(p, "rb") as f:
+        magic = f.readline()
+        if not magic.startswith(b"NRRD"):
+            raise InputError(f"cannot read '{p}': not a NRRD file (no NRRD magic); check the file")
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            s = line.decode("latin-1").rstrip("\r\n")
+            if s == "":
+                break
+            if s.startswith("#"):
+                continue
+            if ":=" in s:
+                k, v = s.split(":=", 1)
+                fields["kv:" + k.strip()] = v
+            elif ": " in s:
+                k, v = s.split(": ", 1)
+                fields[k.strip().lower()] = v.strip()
+        offset = f.tell()
+    return fields, offset
+
+
+def read_nrrd(path) -> tuple[np.ndarray, dict]:
+    """Read an attached-data NRRD -> (array in NRRD axis order reversed, i.e. C order with the
+    slowest axis first, header fields).  ``fields['kinds']`` lists kinds fastest-first (as NRRD)."""
+    p = _check_file(path)
+    fields, offset = read_nrrd_header(p)
+    if "data file" in fields or "datafile" in fields:
+        raise InputError(f"cannot read '{p}': detached NRRD data is not supported; save as a single .nrrd file")
+    try:
+        dt = np.dtype(_NRRD_TYPES[fields["type"].lower()])
+        sizes = [int(s) for s in fields["sizes"].split()]
+    except KeyError as e:
+        raise InputError(f"cannot read '{p}': NRRD header lacks or has an unknown {e}; check the file") from e
+    endian = fields.get("endian", "little").lower()
+    if dt.itemsize > 1:
+        dt = dt.newbyteorder("<" if endian == "little" else ">")
+    enc = fields.get("encoding", "raw").lower()
+    with open(p, "rb") as f:
+        f.seek(offset)
+        raw = f.read()
+    try:
+        if enc in ("gzip", "gz"):
+            raw = gzip.decompress(raw)
+        elif enc in ("bzip2", "bz2"):
+            raw = bz2.decompress(raw)
+        elif enc in ("text", "txt", "ascii"):
+            arr = np.array(raw.split(), dtype=np.float64).astype(dt)
+            raw = arr.tobytes()
+        elif enc != "raw":
+            raise InputError(f"cannot read '{p}': NRRD encoding '{enc}' is not supported; save as raw or gzip")
+    except (OSError, EOFError, ValueError) as e:
+        raise InputError(f"cannot read '{p}': its NRRD data is damaged ({e}); re-export the file") from e
+    n = int(np.prod(sizes))
+    if len(raw) < n * dt.itemsize:
+        raise InputError(f"cannot read '{p}': NRRD data is truncated; re-export the file")
+    a = np.frombuffer(raw[: n * dt.itemsize], dtype=dt).reshape(sizes[::-1])
+    return a.astype(dt.newbyteorder("="), copy=True), fields
+
+
+_COLOUR_KINDS = {"rgb-color", "3-color", "rgba-color", "4-color", "vector", "covariant-vector",
+                 "normal", "3-vector", "4-vector", "hsv-color", "xyz-color"}
+
+
+def _frames_from_nrrd(p: Path, axis: int) -> list[np.ndarray] | None:
+    """Frames of a NRRD with a ``list`` axis (Slicer sequence); None when it has none."""
+    fields, _ = read_nrrd_header(p)
+    kinds = fields.get("kinds", "").split()
+    lower = [k.lower() for k in kinds]
+    if "list" not in lower:
+        return None
+    a, _ = read_nrrd(p)
+    nd = a.ndim
+    # numpy axis of NRRD axis i is nd-1-i
+    list_ax = nd - 1 - lower.index("list")
+    colour_ax = None
+    for i, k in enumerate(lower):
+        if k in _COLOUR_KINDS and a.shape[nd - 1 - i] in (1, 3, 4):
+            colour_ax = nd - 1 - i
+            break
+    order = [list_ax] + [d for d in range(nd) if d not in (list_ax, colour_ax)]
+    if colour_ax is not None:
+        order.append(colour_ax)
+    a = np.transpose(a, order)  # [N, spatial..., (C)]
+    spatial = a.shape[1: nd - (1 if colour_ax is not None else 0)]
+    # drop singleton spatial axes (a 2D sequence is stored as 3D with one slice)
+    keep = [i + 1 for i, s in enumerate(spatial) if s != 1]
+    if len(keep) > 2:
+        raise InputError(
+            f"cannot read '{p}' as 2D frames: each sequence item is a 3D volume {tuple(spatial)}; "
+            f"use a 2D (single-slice) sequence"
+        )
+    sq = tuple(i + 1 for i, s in enumerate(spatial) if s == 1)
+    a = a.squeeze(axis=sq) if sq else a
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if colour_ax is not None and a.shape[-1] == 4:
+        a = a[..., :3]
+    if colour_ax is not None and a.shape[-1] == 1:
+        a = a[..., 0]
+    return [np.ascontiguousarray(f) for f in a]
+
+
+def write_seq_nrrd(path, frames: Sequence[np.ndarray], spacing=(1.0, 1.0)) -> Path:
+    """Write 2D frames as a Slicer-style sequence NRRD (``kinds: [RGB-color] domain domain domain list``,
+    gzip), atomically.  Frames are ``(H, W)`` or ``(H, W, 3)`` of one dtype and shape."""
+    arr = np.stack([np.asarray(f) for f in frames])  # [N, H, W(, 3)]
+    rgb = arr.ndim == 4
+    tname = {"u1": "uint8", "i1": "int8", "u2": "uint16", "i2": "int16", "u4": "uint32", "i4": "int32",
+             "i8": "int64", "u8": "uint64", "f4": "float", "f8": "double"}.get(arr.dtype.str[1:])
+    if tname is None:
+        raise InputError(f"cannot write '{path}': frames of dtype {arr.dtype} are not supported; use an integer or float type")
+    n, h, w = arr.shape[:3]
+    data = arr[:, None]  # [N, k=1, H, W(, 3)] -> NRRD fastest-first: (c) i j k list
+    sizes = ([3] if rgb else []) + [w, h, 1, n]
+    kinds = (["RGB-color"] if rgb else []) + ["domain", "domain", "domain", "list"]
+    sx, sy = float(spacing[0]), float(spacing[1])
+    dirs = (["none"] if rgb else []) + [f"({sx},0,0)", f"(0,{sy},0)", "(0,0,1)", "none"]
+    header = (
+        "NRRD0004\n"
+        f"type: {tname}\ndimension: {len(sizes)}\nspace: left-posterior-superior\n"
+        f"sizes: {' '.join(map(str, sizes))}\nspace directions: {' '.join(dirs)}\n"
+        f"kinds: {' '.join(kinds)}\nendian: little\nencoding: gzip\nspace origin: (0,0,0)\n"
+    )
+    payload = gzip.compress(np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"))).tobytes(), 6)
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header.encode("latin-1") + b"\n" + payload)
+
+    return atomic_write(path, _w)
+
+
+# ---------------------------------------------------------------------------------------------
+def read_image(path) -> np.ndarray:
+    """Read one 2D image -> ``(H, W)`` or ``(H, W, 3)`` array (file dtype; alpha dropped)."""
+    p = _check_file(path)
+    ext = _ext(p)
+    if ext in DICOM_EXT or (ext not in PIL_EXT + ITK_EXT + (".seq.nrrd", ".seg.nrrd") and _is_dicom(p)):
+        a = _dicom_frames_array(p)
+        if a.shape[0] != 1:
+            raise InputError(
+                f"'{p}' is a multi-frame DICOM ({a.shape[0]} frames); open it as a sequence (read_frames) "
+                f"or pick one frame"
+            )
+        return a[0]
+    if ext in PIL_EXT:
+        return _read_pil(p)
+    if ext in ITK_EXT or ext in (".seq.nrrd", ".seg.nrrd"):
+        a, info = read_itk(p)
+        if info["components"] > 1:
+            a = a if a.shape[-1] != 4 else a[..., :3]
+            spatial = a.shape[:-1]
+        else:
+            spatial = a.shape
+        if len(spatial) == 3 and spatial[0] == 1:
+            a = a[0]
+        elif len(spatial) > 2:
+            raise InputError(
+                f"'{p}' is a 3D volume of shape {tuple(spatial)}; open it as frames (read_frames) or "
+                f"pick one slice"
+            )
+        if a.ndim == 3 and a.shape[2] not in (1, 3):
+            raise InputError(f"'{p}' has {a.shape[2]} components per pixel; use a grey or RGB image")
+        return np.ascontiguousarray(a)
+    # unknown extension: try PIL, then SimpleITK
+    try:
+        return _read_pil(p)
+    except InputError:
+        pass
+    raise InputError(f"cannot read image '{p}': unsupported file type '{ext or p.name}'; use {SUPPORTED}")
+
+
+def read_frames(path, axis: int = 0) -> list[np.ndarray]:
+    """Read a cine / volume file -> list of 2D frames (see the module doc for the rules).
+
+    ``axis`` applies to 3D volumes only: the numpy axis of SimpleITK's ``[k, j, i]`` array to
+    slice along (0 = k, the default)."""
+    p = _check_file(path)
+    ext = _ext(p)
+    if ext in DICOM_EXT or (ext not in PIL_EXT + ITK_EXT + (".seq.nrrd",) and _is_dicom(p)):
+        a = _dicom_frames_array(p)
+        return [np.ascontiguousarray(f) for f in a]
+    if ext in PIL_EXT:
+        return [_read_pil(p)]
+    if ext in (".nrrd", ".seq.nrrd", ".nhdr"):
+        try:
+            frames = _frames_from_nrrd(p, axis)
+        except InputError:
+            raise
+        except Exception:
+            frames = None
+        if frames is not None:
+            return frames
+    if ext in ITK_EXT or ext in (".seq.nrrd", ".seg.nrrd"):
+        a, info = read_itk(p)
+        comp = info["components"] > 1
+        spatial_nd = a.ndim - (1 if comp else 0)
+        if spatial_nd == 4:  # e.g. 4D NIfTI [t, k, j, i]: frames over t of single-slice volumes
+            if a.shape[1] == 1:
+                a = a[:, 0]
+                spatial_nd = 3
+            else:
+                raise InputError(f"cannot read '{p}' as 2D frames: it is a 4D volume {a.shape}; use a 3D volume")
+        if spatial_nd == 2:
+            frames = [a]
+        else:
+            if not -3 <= axis < 3:
+                raise InputError(f"slice axis {axis} is invalid for '{p}'; use 0, 1 or 2")
+            frames = [np.take(a, i, axis=axis) for i in range(a.shape[axis])]
+        if comp:
+            frames = [f[..., :3] if f.shape[-1] == 4 else f for f in frames]
+        return [np.ascontiguousarray(f) for f in frames]
+    return [read_image(p)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+def atomic_write(path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then ``os.replace`` it onto
+    ``path``.  On any failure the temporary file is removed and ``path`` is untouched."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return dest
+
+
+def _save_png(img: Image.Image, path) -> Path:
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def write_mask_png(path, mask: np.ndarray) -> Path:
+    """Write a 2D mask as an 8-bit PNG with values 0/255 (non-zero -> 255), atomically."""
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise InputError(f"mask for '{path}' has shape {tuple(m.shape)}; pass a 2D (H, W) mask")
+    return _save_png(Image.fromarray(np.where(m != 0, 255, 0).astype(np.uint8)), path)
+
+
+PALETTE = [(255, 64, 64), (64, 200, 255), (255, 200, 0), (0, 220, 120), (200, 90, 255), (255, 140, 0),
+           (0, 160, 255), (255, 80, 200)]
+
+
+def render_overlay(image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, boxes=None, points=None,
+                   labels=None, alpha: float = 0.4, colors=None) -> np.ndarray:
+    """Render masks (translucent fill + contour), boxes and points on an image -> uint8 RGB."""
+    from scipy import ndimage as ndi
+
+    rgb = to_uint8_rgb(image).astype(np.float32)
+    h, w = rgb.shape[:2]
+    ms = [] if masks is None else list(np.asarray(masks)[None] if np.ndim(masks) == 2 else masks)
+    colors = colors or PALETTE
+    for i, m in enumerate(ms):
+        m = np.asarray(m).astype(bool)
+        if m.shape != (h, w):
+            raise InputError(f"overlay mask {i} has shape {m.shape}, image is {(h, w)}; pass masks at image size")
+        c = np.array(colors[i % len(colors)], np.float32)
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * c
+        edge = m & ~ndi.binary_erosion(m, structure=np.ones((3, 3), bool), border_value=0)
+        rgb[edge] = c
+    im = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for i, b in enumerate([] if boxes is None else boxes):
+        if b is None:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in b)
+        d.rectangle([x0, y0, x1, y1], outline=(255, 255, 0) if len(ms) <= 1 else colors[i % len(colors)],
+                    width=max(1, round(min(h, w) / 200)))
+    if points is not None and len(points):
+        pts = np.asarray(points, dtype=float).reshape(-1, 2)
+        lab = np.ones(len(pts), int) if labels is None else np.asarray(labels).reshape(-1)
+        r = max(2, round(min(h, w) / 100))
+        for (x, y), lb in zip(pts, lab):
+            col = (0, 255, 0) if lb > 0 else (255, 0, 0)
+            d.ellipse([x - r, y - r, x + r, y + r], fill=col, outline=(0, 0, 0))
+    return np.array(im)
+
+
+def overlay_png(path, image: np.ndarray, masks, boxes=None, points=None, labels=None, alpha: float = 0.4) -> Path:
+    """Write an overlay PNG (coloured translucent masks, contours, boxes, points; positive points
+    green, negative red), atomically."""
+    return _save_png(Image.fromarray(render_overlay(image, masks, boxes, points, labels, alpha)), path)
+
+
+def read_mask(path) -> np.ndarray:
+    """Read a label/mask image -> integer ``(H, W)`` array (RGB masks: any non-zero channel -> 255)."""
+    a = read_image(path)
+    if a.ndim == 3:
+        a = np.where(a.max(axis=2) > 0, 255, 0).astype(np.uint8)
+    return a
