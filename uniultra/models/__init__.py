@@ -107,7 +107,9 @@ def build_model(
     if info is None:  # a bare Meta checkpoint
         arch = canonical_arch(entry.arch) if entry is not None else infer_arch_from_state_dict(ckpt["model"])
         size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
-        return _assemble(arch, size, peft, scope, options, ckpt["model"], str(path), name).to(device)
+        model = _assemble(arch, size, peft, scope, options, ckpt["model"], str(path), name)
+        model.memory_trained = True
+        return model.to(device)
 
     arch = canonical_arch(info["arch"])
     size = int(info["image_size"])
@@ -134,6 +136,7 @@ def build_model(
         desc = apply_peft(sam, saved.get("method"), saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
         _load(sam, ckpt["model"], str(path))
         model = UniUltraModel(sam, arch, size, desc, name)
+    model.memory_trained = bool(info.get("memory_trained", False))
     if peft is not None and peft != desc["method"]:
         apply_peft(model.sam, peft, scope, **options)
         model.peft = {"method": peft, "scope": scope, "options": options, "base_peft": desc}

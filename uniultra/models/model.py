@@ -22,6 +22,9 @@ class UniUltraModel(nn.Module):
         self.image_size = image_size
         self.peft = peft
         self.name = name or arch.name
+        # True when the memory attention/encoder hold trained weights (Meta's checkpoints or a
+        # model trained on video): only then is SAM2's memory propagation meaningful.
+        self.memory_trained = False
 
     # ------------------------------------------------------------------ encoder
     def encode(self, images: torch.Tensor) -> dict:

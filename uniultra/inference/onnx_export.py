@@ -1,0 +1,132 @@
+"""Export a model (image encoder + prompt encoder + mask decoder) to ONNX, and run it with
+onnxruntime with the same pre- and post-processing as the PyTorch predictor.
+
+Two graphs are written so that the embedding cache survives export:
+``<out>`` (image -> embedding + high-resolution features) and ``<out stem>.decoder.onnx``
+(embedding + prompts -> mask logits and score).  Boxes travel as two points with SAM's labels
+2 and 3 (SAM2's prompt encoder appends its own padding point, inside the graph).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from uniultra.data.transforms import box_to_model, image_to_model_coords, to_model_input, upsample_logits
+from uniultra.errors import InputError
+from uniultra.inference.predictor import check_box, check_image
+
+PARITY_TOLERANCE = 1e-3  # max |logit| difference accepted between onnxruntime and PyTorch
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        e = self.model.encode(image)
+        high = e["high_res_feats"]
+        return e["image_embed"], high[0], high[1]
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embed, feat_s0, feat_s1, point_coords, point_labels):
+        emb = {"image_embed": image_embed, "high_res_feats": [feat_s0, feat_s1]}
+        logits, iou = self.model.decode(emb, None, point_coords, point_labels)
+        return logits, iou
+
+
+def decoder_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".decoder.onnx")
+
+
+def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
+    """Write the encoder to ``out`` and the decoder beside it; both written atomically."""
+    if not model.sam.use_high_res_features_in_sam:
+        raise InputError(f"model {model.name} has no high-resolution decoder features; ONNX export needs them")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    s = model.image_size
+    image = torch.zeros(1, 3, s, s)
+    with torch.no_grad():
+        emb, f0, f1 = _Encoder(model)(image)
+    coords = torch.tensor([[[10.0, 10.0], [s / 2, s / 2], [s / 4, s / 4]]])
+    labels = torch.tensor([[2, 3, 1]], dtype=torch.int64)
+    dec_out = decoder_path(out)
+    tmp_enc, tmp_dec = out.with_name(f".{out.name}.tmp"), dec_out.with_name(f".{dec_out.name}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Encoder(model), (image,), str(tmp_enc), dynamo=False, opset_version=opset,
+                              input_names=["image"], output_names=["image_embed", "feat_s0", "feat_s1"])
+            torch.onnx.export(_Decoder(model), (emb, f0, f1, coords, labels), str(tmp_dec), dynamo=False,
+                              opset_version=opset,
+                              input_names=["image_embed", "feat_s0", "feat_s1", "point_coords", "point_labels"],
+                              output_names=["logits", "iou"],
+                              dynamic_axes={"point_coords": {1: "points"}, "point_labels": {1: "points"}})
+        tmp_enc.replace(out)
+        tmp_dec.replace(dec_out)
+    finally:
+        tmp_enc.unlink(missing_ok=True)
+        tmp_dec.unlink(missing_ok=True)
+    return out, dec_out
+
+
+class OnnxPredictor:
+    """The Predictor's interface on onnxruntime (CPU), for machines without PyTorch."""
+
+    def __init__(self, encoder_path: str | Path, image_size: int):
+        import onnxruntime as ort
+
+        enc = Path(encoder_path)
+        for p in (enc, decoder_path(enc)):
+            if not p.is_file():
+                raise InputError(f"ONNX file {p} does not exist: run `uniultra export` first")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.encoder = ort.InferenceSession(str(enc), opts, providers=["CPUExecutionProvider"])
+        self.decoder = ort.InferenceSession(str(decoder_path(enc)), opts, providers=["CPUExecutionProvider"])
+        self.size = image_size
+        self._feats = None
+        self._hw = None
+
+    def set_image(self, image: np.ndarray) -> None:
+        a = check_image(image)
+        x, _ = to_model_input(a, self.size)
+        self._feats = self.encoder.run(None, {"image": x.numpy()})
+        self._hw = a.shape[:2]
+
+    def predict_logits(self, box=None, points=None, labels=None) -> tuple[np.ndarray, float]:
+        hw = self._hw
+        coords, labs = [], []
+        if box is not None:
+            b = box_to_model(check_box(box, hw), hw, self.size)
+            coords += [[b[0], b[1]], [b[2], b[3]]]
+            labs += [2, 3]
+        if points is not None:
+            coords += image_to_model_coords(np.asarray(points, dtype=np.float64), hw, self.size).tolist()
+            labs += list(labels if labels is not None else [1] * len(points))
+        if not coords:
+            raise InputError("no prompt given: a box or at least one point is needed")
+        emb, f0, f1 = self._feats
+        logits, iou = self.decoder.run(None, {
+            "image_embed": emb, "feat_s0": f0, "feat_s1": f1,
+            "point_coords": np.asarray([coords], dtype=np.float32),
+            "point_labels": np.asarray([labs], dtype=np.int64)})
+        return logits, float(iou[0, 0])
+
+    def predict(self, box=None, points=None, labels=None) -> tuple[np.ndarray, float]:
+        logits, score = self.predict_logits(box, points, labels)
+        mask = upsample_logits(torch.from_numpy(logits[0, 0]), self._hw, self.size) > 0
+        return mask.numpy(), score

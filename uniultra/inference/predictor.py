@@ -1,0 +1,199 @@
+"""Promptable predictor: an image of any kind in, one mask per object out.
+
+The image embedding is cached by ``set_image``; every ``predict`` on the same image only runs
+the prompt encoder and mask decoder (milliseconds), which is what makes interactive editing
+in Slicer feel immediate.
+
+Coordinates are image pixels: x right, y down, box corners inclusive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from uniultra.data.transforms import box_to_model, image_to_model_coords, to_model_input, upsample_logits
+from uniultra.errors import InputError
+
+DEFAULT_MODEL = "uniultra-mini-us"
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device {device!r} is not known: use auto, cpu, cuda or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device mps was asked for but Apple MPS is not available: use --device cpu or auto")
+    return dev
+
+
+def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays of any numeric dtype."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise InputError(f"{name} has shape {a.shape}: expected a 2D grey (H, W) or colour (H, W, 3) image")
+    if a.shape[0] < 2 or a.shape[1] < 2:
+        raise InputError(f"{name} is {a.shape[1]}x{a.shape[0]} pixels: it is too small to segment")
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise InputError(f"{name} has dtype {a.dtype}: expected integer or floating-point pixels")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise InputError(f"{name} contains NaN or infinite pixels: replace them before segmenting")
+    return a
+
+
+def check_box(box, hw: tuple[int, int], name: str = "box") -> tuple[int, int, int, int]:
+    """Validate an inclusive pixel box; a box that reaches past the border is clipped to it."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} {box!r} must be four numbers x0 y0 x1 y1") from None
+    h, w = hw
+    shown = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+    if x1 < x0:
+        raise InputError(f"{name} {shown} is empty: x1 must not be less than x0")
+    if y1 < y0:
+        raise InputError(f"{name} {shown} is empty: y1 must not be less than y0")
+    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+        raise InputError(f"{name} {shown} lies outside the {w}x{h} image: coordinates are pixels, x right, y down")
+    return (int(round(max(x0, 0))), int(round(max(y0, 0))), int(round(min(x1, w - 1))), int(round(min(y1, h - 1))))
+
+
+def check_points(points, labels, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if labels is None:
+        labels = np.ones(len(pts), dtype=np.int64)
+    lab = np.asarray(labels).reshape(-1)
+    if len(lab) != len(pts):
+        raise InputError(f"{len(pts)} points but {len(lab)} labels: give one label (1 positive, 0 negative) per point")
+    if not np.isin(lab, (0, 1)).all():
+        raise InputError(f"point labels {lab.tolist()} must be 1 (positive) or 0 (negative)")
+    h, w = hw
+    for (x, y) in pts:
+        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+            raise InputError(f"point ({x:g}, {y:g}) lies outside the {w}x{h} image")
+    return pts, lab.astype(np.int64)
+
+
+@dataclass
+class Prediction:
+    masks: np.ndarray        # bool [N, H, W]
+    scores: np.ndarray       # float [N], the model's predicted IoU
+    low_res_logits: torch.Tensor  # [N, 1, S/4, S/4], for mask-prompt refinement
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Union of all objects' masks."""
+        return self.masks.any(axis=0)
+
+
+class Predictor:
+    """Caches one image's embedding and answers prompts on it."""
+
+    def __init__(self, model, device: str | torch.device | None = "auto"):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.size = model.image_size
+        self._emb: dict | None = None
+        self._hw: tuple[int, int] | None = None
+
+    @classmethod
+    def from_name(cls, name: str | None = None, device: str | torch.device | None = "auto") -> Predictor:
+        from uniultra.models import build_model
+
+        name = name or os.environ.get("UNIULTRA_MODEL", DEFAULT_MODEL)
+        return cls(build_model(name), device)
+
+    # -------------------------------------------------------------- image
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        a = check_image(image)
+        x, _ = to_model_input(a, self.size)
+        self._emb = self.model.encode(x.to(self.device))
+        self._hw = a.shape[:2]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        if self._hw is None:
+            raise RuntimeError("call set_image() before predict()")
+        return self._hw
+
+    # -------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def predict(
+        self,
+        boxes: Sequence[Sequence[float]] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
+        labels: Sequence[int] | None = None,
+        refine: bool = False,
+        mask_input: torch.Tensor | None = None,
+    ) -> Prediction:
+        """One mask per box (or one for points alone).  With several boxes, each point goes to
+        the box that contains it (else the nearest box).  ``refine`` runs a second pass with the
+        first mask's logits as a mask prompt."""
+        hw = self.image_hw
+        if boxes is not None and len(boxes) and np.ndim(boxes) == 1:
+            boxes = [boxes]
+        boxes = [check_box(b, hw, f"box {i + 1}" if len(boxes) > 1 else "box")
+                 for i, b in enumerate(boxes or [])]
+        pts, lab = (check_points(points, labels, hw) if points is not None and len(points)
+                    else (np.zeros((0, 2)), np.zeros(0, np.int64)))
+        if not boxes and not len(pts):
+            raise InputError("no prompt given: draw a box or add at least one point")
+        n = max(1, len(boxes))
+        owner = _assign_points(pts, boxes) if boxes else np.zeros(len(pts), np.int64)
+        logits_all, scores = [], []
+        for i in range(n):
+            sel = owner == i
+            box_t = None
+            if boxes:
+                box_t = torch.as_tensor(box_to_model(boxes[i], hw, self.size), dtype=torch.float32,
+                                        device=self.device)[None]
+            pc = pl = None
+            if sel.any():
+                pc = torch.as_tensor(image_to_model_coords(pts[sel], hw, self.size), dtype=torch.float32,
+                                     device=self.device)[None]
+                pl = torch.as_tensor(lab[sel], device=self.device)[None]
+            mi = None if mask_input is None else mask_input[i:i + 1].to(self.device)
+            logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi)
+            if refine:
+                logits, iou = self.model.decode(self._emb, box_t, pc, pl, logits)
+            logits_all.append(logits)
+            scores.append(float(iou[0, 0]))
+        low = torch.cat(logits_all, 0)
+        masks = (upsample_logits(low[:, 0].float().cpu(), hw, self.size) > 0).numpy()
+        return Prediction(masks, np.asarray(scores, dtype=np.float32), low)
+
+    def segment(self, image: np.ndarray, boxes=None, points=None, labels=None, refine: bool = False) -> list[np.ndarray]:
+        """Convenience: set the image and return a list of bool masks."""
+        self.set_image(image)
+        return list(self.predict(boxes, points, labels, refine).masks)
+
+
+def _assign_points(pts: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    owner = np.zeros(len(pts), np.int64)
+    b = np.asarray(boxes, dtype=np.float64)
+    centres = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+    for k, (x, y) in enumerate(pts):
+        inside = np.flatnonzero((b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3]))
+        if len(inside):
+            areas = (b[inside, 2] - b[inside, 0] + 1) * (b[inside, 3] - b[inside, 1] + 1)
+            owner[k] = inside[np.argmin(areas)]
+        else:
+            owner[k] = int(np.argmin(((centres - (x, y)) ** 2).sum(1)))
+    return owner

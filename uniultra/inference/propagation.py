@@ -1,0 +1,211 @@
+"""Propagation of box prompts through an ordered stack of frames (a cine loop or the slices
+of a volume), forward and backward from one or more key frames.
+
+Two engines:
+- ``box`` (every model): each next frame is prompted with the box of the previous frame's mask,
+  expanded by a margin; an object whose mask vanishes or collapses is declared lost and is not
+  followed further, so a lost object never leaks into later frames.
+- ``memory`` (models whose memory modules are trained, e.g. Meta's SAM2 checkpoints): SAM2's
+  own video predictor with memory attention, fed from numpy frames (no JPEG folder).
+
+Frames are numpy arrays; results are one bool mask per frame (``None`` where nothing was
+segmented), the union of all objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from uniultra.data.prompts import mask_box
+from uniultra.errors import Cancelled, InputError
+from uniultra.inference.predictor import Predictor, check_box, check_image
+
+Box = tuple[int, int, int, int]
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+DIRECTIONS = ("both", "forward", "backward")
+
+
+def expand_box(box: Box, hw: tuple[int, int], margin: float) -> Box:
+    x0, y0, x1, y1 = box
+    dx, dy = margin * (x1 - x0 + 1), margin * (y1 - y0 + 1)
+    h, w = hw
+    return (int(max(0, np.floor(x0 - dx))), int(max(0, np.floor(y0 - dy))),
+            int(min(w - 1, np.ceil(x1 + dx))), int(min(h - 1, np.ceil(y1 + dy))))
+
+
+def _check_inputs(frames: Sequence[np.ndarray], key_boxes: dict[int, list], direction: str):
+    if len(frames) == 0:
+        raise InputError("the clip has no frames")
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction {direction!r} is not known: use both, forward or backward")
+    if not key_boxes:
+        raise InputError("no key frame: give a box on at least one frame")
+    hw = np.asarray(frames[0]).shape[:2]
+    checked = {}
+    for k, boxes in key_boxes.items():
+        if not (0 <= int(k) < len(frames)):
+            raise InputError(f"key frame {k} is outside the clip (frames 0..{len(frames) - 1})")
+        if np.ndim(boxes) == 1:
+            boxes = [boxes]
+        if len(boxes) == 0:
+            raise InputError(f"key frame {k} has no box")
+        checked[int(k)] = [check_box(b, hw, f"box on frame {k}") for b in boxes]
+    for i, f in enumerate(frames):
+        if np.asarray(f).shape[:2] != hw:
+            raise InputError(f"frame {i} is {np.asarray(f).shape[:2]}, frame 0 is {hw}: all frames must have one size")
+    return checked, hw
+
+
+def _order(n: int, keys: list[int], direction: str) -> list[tuple[int, list[int]]]:
+    """For each key frame, the frames it is responsible for, in visiting order (up to the next
+    key frame in each direction)."""
+    keys = sorted(keys)
+    plan = []
+    for j, k in enumerate(keys):
+        nxt = keys[j + 1] if j + 1 < len(keys) else n
+        prv = keys[j - 1] if j > 0 else -1
+        fwd = list(range(k + 1, nxt)) if direction in ("both", "forward") else []
+        bwd = list(range(k - 1, prv, -1)) if direction in ("both", "backward") else []
+        plan.append((k, [fwd, bwd]))
+    return plan
+
+
+def propagate(
+    predictor: Predictor,
+    frames: Sequence[np.ndarray],
+    key_boxes: dict[int, list[Box]],
+    direction: str = "both",
+    margin: float = 0.1,
+    min_area_ratio: float = 0.2,
+    min_score: float = 0.0,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> list[np.ndarray | None]:
+    """Box-chaining propagation (works for every model); see the module doc.
+
+    An object is lost when its mask is empty, or shrinks below ``min_area_ratio`` of the
+    previous frame's area, or the model's score falls below ``min_score``.
+    Raises ``Cancelled`` if ``cancel()`` turns true; nothing partial is returned then.
+    """
+    key_boxes, hw = _check_inputs(frames, key_boxes, direction)
+    n = len(frames)
+    out: list[np.ndarray | None] = [None] * n
+    plan = _order(n, list(key_boxes), direction)
+    total = len(key_boxes) + sum(len(f) + len(b) for _, (f, b) in plan)
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        if cancel is not None and cancel():
+            raise Cancelled("propagation cancelled")
+
+    for key, runs in plan:
+        predictor.set_image(check_image(frames[key], f"frame {key}"))
+        pred = predictor.predict(boxes=key_boxes[key])
+        key_masks = list(pred.masks)
+        out[key] = pred.mask
+        tick()
+        for run in runs:
+            objs = [(m, float(m.sum())) for m in key_masks]
+            for idx in run:
+                alive = [(m, a) for m, a in objs if m is not None]
+                if not alive:  # every object lost: nothing more to follow in this run
+                    tick()
+                    continue
+                predictor.set_image(check_image(frames[idx], f"frame {idx}"))
+                boxes = [expand_box(mask_box(m), hw, margin) for m, _ in alive]
+                p = predictor.predict(boxes=boxes)
+                new_objs = []
+                for (m_prev, a_prev), m_new, s in zip(alive, p.masks, p.scores):
+                    area = float(m_new.sum())
+                    lost = area == 0 or area < min_area_ratio * a_prev or s < min_score
+                    new_objs.append((None, 0.0) if lost else (m_new, area))
+                objs = new_objs
+                live = [m for m, _ in objs if m is not None]
+                if live:
+                    union = np.logical_or.reduce(live)
+                    out[idx] = union if out[idx] is None else (out[idx] | union)
+                tick()
+    return out
+
+
+@torch.inference_mode()
+def propagate_memory(
+    predictor: Predictor,
+    frames: Sequence[np.ndarray],
+    key_boxes: dict[int, list[Box]],
+    direction: str = "both",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> list[np.ndarray | None]:
+    """SAM2 memory-attention propagation through numpy frames (SAM2VideoPredictor inside)."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+    from uniultra.data.transforms import prepare_batch
+
+    key_boxes, hw = _check_inputs(frames, key_boxes, direction)
+    model = predictor.model
+    if not getattr(model, "memory_trained", False):
+        raise InputError(
+            f"model {model.name} has untrained memory modules: use --engine box (box propagation), "
+            "or a SAM2 checkpoint / a model trained on video"
+        )
+    sam = model.sam
+    old_class = sam.__class__
+    sam.__class__ = SAM2VideoPredictor
+    sam.fill_hole_area, sam.non_overlap_masks = 0, False
+    sam.clear_non_cond_mem_around_input, sam.add_all_frames_to_correct_as_cond = False, False
+    try:
+        dev = predictor.device
+        images = prepare_batch([check_image(f, f"frame {i}") for i, f in enumerate(frames)], model.image_size)
+        state = _video_state(sam, images.to(dev), hw, dev)
+        obj = 0
+        for k, boxes in sorted(key_boxes.items()):
+            for b in boxes:
+                x0, y0, x1, y1 = b
+                sam.add_new_points_or_box(state, frame_idx=k, obj_id=obj,
+                                          box=np.array([x0, y0, x1 + 1, y1 + 1], dtype=np.float32))
+                obj += 1
+        out: list[np.ndarray | None] = [None] * len(frames)
+        runs = []
+        if direction in ("both", "forward"):
+            runs.append(False)
+        if direction in ("both", "backward"):
+            runs.append(True)
+        total, done = len(frames) * len(runs), 0
+        for reverse in runs:
+            for idx, _ids, logits in sam.propagate_in_video(state, reverse=reverse):
+                m = (logits[:, 0] > 0).any(0).cpu().numpy()
+                out[idx] = m if out[idx] is None else (out[idx] | m)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                if cancel is not None and cancel():
+                    raise Cancelled("propagation cancelled")
+        return [m if m is not None and m.any() else None for m in out]
+    finally:
+        sam.__class__ = old_class
+
+
+def _video_state(sam, images: torch.Tensor, hw: tuple[int, int], dev: torch.device) -> dict:
+    """The inference state SAM2VideoPredictor.init_state builds, from in-memory frames."""
+    from collections import OrderedDict
+
+    state = {
+        "images": images, "num_frames": len(images), "offload_video_to_cpu": False,
+        "offload_state_to_cpu": False, "video_height": hw[0], "video_width": hw[1],
+        "device": dev, "storage_device": dev, "point_inputs_per_obj": {}, "mask_inputs_per_obj": {},
+        "cached_features": {}, "constants": {}, "obj_id_to_idx": OrderedDict(),
+        "obj_idx_to_id": OrderedDict(), "obj_ids": [], "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {},
+    }
+    sam._get_image_feature(state, frame_idx=0, batch_size=1)
+    return state
