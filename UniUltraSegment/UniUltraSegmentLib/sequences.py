@@ -1,0 +1,434 @@
+"""Cine ultrasound as Slicer sequences: frames, per-frame segmentations, loading, export.
+
+A cine loop in Slicer is a sequence of single-slice volumes shown through the proxy volume of
+a sequence browser.  Per-frame masks live in a segmentation sequence synchronised in the same
+browser, so scrubbing the browser shows each frame's mask in the proxy segmentation; with
+"save changes" on, edits of the proxy segmentation are stored back into the current frame.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import SliceGeometry, volume_array
+from .segments import SegmentEditor, get_or_add_segment, segment_frame
+
+
+def _matrix(m: np.ndarray):
+    from .segments import _numpy_matrix_to_vtk
+
+    return _numpy_matrix_to_vtk(m)
+
+
+def volume_from_frame(frame: np.ndarray, spacing=(1.0, 1.0), name: str = "frame"):
+    """A single-slice volume node (not in a scene) from a (H, W) or (H, W, 3) frame.
+
+    Geometry as Slicer gives a loaded 2D image: LPS axes, so the image is upright in the
+    Red (axial) view.  RGB frames become vector volumes.
+    """
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    frame = np.ascontiguousarray(frame)
+    rgb = frame.ndim == 3
+    node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    h, w = frame.shape[:2]
+    image = vtk.vtkImageData()
+    image.SetDimensions(w, h, 1)
+    ncomp = frame.shape[2] if rgb else 1
+    image.AllocateScalars(numpy_support.get_vtk_array_type(frame.dtype), ncomp)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = frame.reshape(h * w, ncomp).squeeze()
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(_matrix(np.diag([-float(spacing[0]), -float(spacing[1]), 1.0, 1.0])))
+    return node
+
+
+@dataclass
+class Cine:
+    """A cine loop in the scene: browser, image sequence and its proxy volume."""
+
+    browser: object
+    sequence: object
+    proxy: object
+
+    @property
+    def num_frames(self) -> int:
+        return self.sequence.GetNumberOfDataNodes()
+
+    @property
+    def current_frame(self) -> int:
+        return int(self.browser.GetSelectedItemNumber())
+
+    def select(self, index: int) -> None:
+        self.browser.SetSelectedItemNumber(int(index))
+
+    def frames(self, geometry: SliceGeometry | None = None) -> list[np.ndarray]:
+        """Every frame as a numpy copy, oriented like the proxy in the view (default: as stored)."""
+        out = []
+        for i in range(self.num_frames):
+            arr = volume_array(self.sequence.GetNthDataNode(i))
+            out.append(geometry.frame_from_array(arr, 0) if geometry is not None else np.array(arr[0]))
+        return out
+
+
+def create_cine(
+    ctx,
+    frames: Sequence[np.ndarray] | np.ndarray,
+    spacing=(1.0, 1.0),
+    frame_time_s: float = 0.0,
+    name: str = "cine",
+) -> Cine:
+    """Put frames (N, H, W[, 3]) into a new sequence + browser; the proxy shows frame 0."""
+    import slicer
+
+    if len(frames) == 0:
+        raise ValueError("no frames: a cine needs at least one frame")
+    seq = slicer.vtkMRMLSequenceNode()
+    seq.SetName(name)
+    seq.SetIndexName("time")
+    seq.SetIndexUnit("s")
+    ctx.scene.AddNode(seq)
+    for i, frame in enumerate(frames):
+        value = f"{i * frame_time_s:.6g}" if frame_time_s > 0 else str(i)
+        seq.SetDataNodeAtValue(volume_from_frame(np.asarray(frame), spacing, name), value)
+    return browse(ctx, seq, name)
+
+
+def browse(ctx, sequence, name: str | None = None) -> Cine:
+    """A browser node for `sequence`, with its proxy node created."""
+    import slicer
+
+    browser = slicer.vtkMRMLSequenceBrowserNode()
+    browser.SetName(name or sequence.GetName())
+    ctx.scene.AddNode(browser)
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(0)
+    ctx.sequences_logic.UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    if proxy is not None:
+        proxy.SetName(name or sequence.GetName())
+        if proxy.GetDisplayNode() is None and hasattr(proxy, "CreateDefaultDisplayNodes"):
+            proxy.CreateDefaultDisplayNodes()
+    return Cine(browser, sequence, proxy)
+
+
+def find_cine(ctx, volume_node) -> Cine | None:
+    """The cine whose proxy is `volume_node`, or None when the volume is not a sequence proxy."""
+    browser = ctx.sequences_logic.GetFirstBrowserNodeForProxyNode(volume_node)
+    if browser is None:
+        return None
+    seq = browser.GetSequenceNode(volume_node)
+    if seq is None:
+        return None
+    return Cine(browser, seq, volume_node)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class DicomCine:
+    frames: np.ndarray  # (N, H, W) or (N, H, W, 3) uint8/uint16
+    spacing: tuple[float, float]  # mm (x, y)
+    frame_time_s: float
+    description: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def read_dicom_cine(path: str | os.PathLike) -> DicomCine:
+    """Multi-frame (or single-frame) ultrasound DICOM -> frames as displayed (RGB for colour).
+
+    Handles MONOCHROME, RGB, YBR_* (converted to RGB by pydicom) and PALETTE COLOR (the LUT
+    is applied; 16-bit LUT entries are scaled to 8 bit).  Pixel spacing from PixelSpacing or
+    the first ultrasound region (cm -> mm); frame time from FrameTime (ms).
+    """
+    import pydicom
+    from pydicom.pixels import apply_color_lut, pixel_array
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"'{path}' could not be read as DICOM ({exc}): choose a DICOM file") from exc
+    if "PixelData" not in ds:
+        raise ValueError(f"'{path}' has no image (no PixelData): choose an ultrasound image file")
+    try:
+        arr = pixel_array(ds)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(
+            f"'{path}': the pixel data ({ds.file_meta.TransferSyntaxUID.name}) could not be decoded "
+            f"({exc}); install a decoder such as pylibjpeg or convert the file"
+        ) from exc
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        if arr.dtype != np.uint8 and arr.max() > 255:
+            arr = (arr >> 8).astype(np.uint8)
+    if n == 1:
+        arr = arr[None]
+    if photometric.startswith("MONOCHROME1"):
+        arr = arr.max() - arr
+    spacing = (1.0, 1.0)
+    if "PixelSpacing" in ds:
+        row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
+        spacing = (col_sp, row_sp)
+    elif "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
+        region = ds.SequenceOfUltrasoundRegions[0]
+        dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
+        # units code 3 = cm
+        if dx and dy and region.get("PhysicalUnitsXDirection") == 3 and region.get("PhysicalUnitsYDirection") == 3:
+            spacing = (abs(float(dx)) * 10.0, abs(float(dy)) * 10.0)
+    frame_time = float(ds.get("FrameTime", 0) or 0) / 1000.0
+    if not frame_time and ds.get("CineRate"):
+        frame_time = 1.0 / float(ds.CineRate)
+    desc = str(ds.get("SeriesDescription", "") or ds.get("StudyDescription", "") or Path(path).stem)
+    return DicomCine(np.ascontiguousarray(arr), spacing, frame_time, desc, {"photometric": photometric})
+
+
+def load_dicom_cine(ctx, path: str | os.PathLike, name: str | None = None) -> Cine:
+    d = read_dicom_cine(path)
+    return create_cine(ctx, d.frames, d.spacing, d.frame_time_s, name or Path(path).stem)
+
+
+def load_sequence_file(ctx, path: str | os.PathLike, name: str | None = None) -> Cine:
+    """A `.seq.nrrd` volume sequence into a new sequence + browser."""
+    import slicer
+
+    path = str(path)
+    seq = slicer.vtkMRMLSequenceNode()
+    seq.SetName(name or Path(path).name.split(".")[0])
+    ctx.scene.AddNode(seq)
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    ctx.scene.AddNode(storage)
+    storage.SetFileName(path)
+    if not storage.ReadData(seq) or seq.GetNumberOfDataNodes() == 0:
+        ctx.scene.RemoveNode(storage)
+        ctx.scene.RemoveNode(seq)
+        raise ValueError(f"'{path}' could not be read as a volume sequence (.seq.nrrd)")
+    seq.SetAndObserveStorageNodeID(storage.GetID())
+    return browse(ctx, seq, seq.GetName())
+
+
+def save_sequence_file(ctx, sequence, path: str | os.PathLike) -> None:
+    """Write a volume sequence to `.seq.nrrd` (atomically)."""
+    import slicer
+
+    path = Path(path)
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    _atomic_write(path, lambda tmp: storage.SetFileName(tmp) or storage.WriteData(sequence))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=".uniultra-", suffix=suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        ok = write(tmp)
+        if ok is False or ok == 0:
+            raise OSError(f"could not write '{path}'")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------- .seg.nrrd round trip
+
+
+def save_segmentation(seg_node, path: str | os.PathLike) -> None:
+    """Write a segmentation node to `.seg.nrrd` (atomically)."""
+    import slicer
+
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    _atomic_write(Path(path), lambda tmp: storage.SetFileName(tmp) or storage.WriteData(seg_node))
+
+
+def load_segmentation(ctx, path: str | os.PathLike, name: str | None = None):
+    """A `.seg.nrrd` file into a new segmentation node in the scene."""
+    import slicer
+
+    seg = slicer.vtkMRMLSegmentationNode()
+    seg.SetName(name or Path(path).name.split(".")[0])
+    ctx.scene.AddNode(seg)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    ctx.scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    if not storage.ReadData(seg):
+        ctx.scene.RemoveNode(seg)
+        ctx.scene.RemoveNode(storage)
+        raise ValueError(f"'{path}' could not be read as a segmentation (.seg.nrrd)")
+    seg.SetAndObserveStorageNodeID(storage.GetID())
+    seg.CreateDefaultDisplayNodes()
+    return seg
+
+
+# ------------------------------------------------------------------- per-frame segmentations
+
+
+def ensure_segmentation_sequence(ctx, cine: Cine, seg_node=None, segment_name: str = "lesion"):
+    """The proxy segmentation that shows each frame's mask, creating the segmentation sequence.
+
+    If `seg_node` is given and not yet in the browser, it becomes the proxy: every frame gets
+    an item with the same (empty) segments, so no frame is missing and scrubbing never
+    carries a mask over to a frame it does not belong to.  Returns (proxy segmentation, segment ID).
+    """
+    import slicer
+
+    browser = cine.browser
+    if seg_node is not None and browser.GetSequenceNode(seg_node) is not None:
+        seg_seq = browser.GetSequenceNode(seg_node)
+        return seg_node, get_or_add_segment_in_all(seg_seq, seg_node, segment_name)
+    if seg_node is None:
+        seg_node = slicer.vtkMRMLSegmentationNode()
+        seg_node.SetName(f"{cine.proxy.GetName()} segmentation")
+        ctx.scene.AddNode(seg_node)
+        seg_node.CreateDefaultDisplayNodes()
+    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(cine.proxy)
+    sid = get_or_add_segment(seg_node, segment_name)
+    seg_seq = slicer.vtkMRMLSequenceNode()
+    seg_seq.SetName(f"{seg_node.GetName()} sequence")
+    seg_seq.SetIndexName(cine.sequence.GetIndexName())
+    seg_seq.SetIndexUnit(cine.sequence.GetIndexUnit())
+    ctx.scene.AddNode(seg_seq)
+    current = cine.current_frame
+    for i in range(cine.num_frames):
+        item = slicer.vtkMRMLSegmentationNode()
+        item.GetSegmentation().DeepCopy(seg_node.GetSegmentation())
+        if i != current:
+            for s in _segment_ids(item):
+                slicer.vtkSlicerSegmentationsModuleLogic.ClearSegment(item, s)
+        item.SetReferenceImageGeometryParameterFromVolumeNode(cine.sequence.GetNthDataNode(i))
+        seg_seq.SetDataNodeAtValue(item, cine.sequence.GetNthIndexValue(i))
+    ctx.sequences_logic.AddSynchronizedNode(seg_seq, seg_node, browser)
+    browser.SetSaveChanges(seg_seq, True)
+    ctx.sequences_logic.UpdateProxyNodesFromSequences(browser)
+    return seg_node, sid
+
+
+def _segment_ids(seg_node) -> list[str]:
+    seg = seg_node.GetSegmentation()
+    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+
+
+def get_or_add_segment_in_all(seg_seq, proxy_seg, name: str) -> str:
+    """Segment `name` in the proxy and every frame item (same ID everywhere)."""
+    sid = proxy_seg.GetSegmentation().GetSegmentIdBySegmentName(name)
+    if not sid:
+        sid = get_or_add_segment(proxy_seg, name)
+    segment = proxy_seg.GetSegmentation().GetSegment(sid)
+    for i in range(seg_seq.GetNumberOfDataNodes()):
+        item = seg_seq.GetNthDataNode(i).GetSegmentation()
+        if item.GetSegment(sid) is None:
+            item.AddEmptySegment(sid, segment.GetName(), list(segment.GetColor()))
+    return sid
+
+
+@dataclass
+class CineEdit:
+    """Undo record of a multi-frame write: the frames' segmentations before the write."""
+
+    cine: Cine
+    seg_sequence: object
+    before: dict  # item number -> vtkSegmentation copy
+    frames_written: list[int]
+
+    def undo(self, ctx) -> None:
+        for item_number, copy in self.before.items():
+            self.seg_sequence.GetNthDataNode(item_number).GetSegmentation().DeepCopy(copy)
+        current = self.cine.current_frame
+        # refresh the proxy from the restored item
+        self.cine.select(current + 1 if current + 1 < self.cine.num_frames else max(current - 1, 0))
+        self.cine.select(current)
+        ctx.sequences_logic.UpdateProxyNodesFromSequences(self.cine.browser)
+
+
+def write_cine_masks(
+    ctx,
+    editor: SegmentEditor,
+    cine: Cine,
+    proxy_seg,
+    segment_id: str,
+    geometry: SliceGeometry,
+    masks: Sequence[np.ndarray | None],
+    mode: str = "add",
+) -> CineEdit:
+    """Write one mask per frame (None = leave the frame alone) into the per-frame segmentations.
+
+    Each frame is selected in the browser and written to the proxy segmentation through the
+    Segment Editor logic (so masking uses that frame's image and segments); the browser saves
+    the proxy back into the frame's item.  One undo record for the whole write is returned
+    (the editor's own undo history would replay one frame's state onto another frame).
+    """
+    import slicer
+
+    seg_seq = cine.browser.GetSequenceNode(proxy_seg)
+    if seg_seq is None:
+        raise ValueError("the segmentation is not part of the cine's browser: call ensure_segmentation_sequence")
+    if len(masks) != cine.num_frames:
+        raise ValueError(f"{len(masks)} masks for {cine.num_frames} frames")
+    before = {}
+    written = []
+    current = cine.current_frame
+    for i, mask in enumerate(masks):
+        if mask is None or (mode == "add" and not np.any(mask)):
+            continue
+        item_number = seg_seq.GetItemNumberFromIndexValue(cine.sequence.GetNthIndexValue(i))
+        copy = slicer.vtkSegmentation()
+        copy.DeepCopy(seg_seq.GetNthDataNode(item_number).GetSegmentation())
+        before[item_number] = copy
+        cine.select(i)
+        editor.write_frame_mask(proxy_seg, segment_id, geometry, mask, index=0, mode=mode, save_undo=False)
+        written.append(i)
+    cine.select(current)
+    return CineEdit(cine, seg_seq, before, written)
+
+
+def cine_frame_masks(cine: Cine, proxy_seg, segment_id: str, geometry: SliceGeometry) -> list[np.ndarray]:
+    """Each frame's mask of a segment, (H, W) bool, read from the segmentation sequence."""
+    seg_seq = cine.browser.GetSequenceNode(proxy_seg)
+    out = []
+    for i in range(cine.num_frames):
+        item = seg_seq.GetDataNodeAtValue(cine.sequence.GetNthIndexValue(i))
+        vol = cine.sequence.GetNthDataNode(i)
+        if item is None or item.GetSegmentation().GetSegment(segment_id) is None:
+            out.append(np.zeros(geometry.shape, bool))
+        else:
+            out.append(segment_frame(item, segment_id, vol, geometry, 0))
+    return out
+
+
+def export_frame_masks_png(
+    cine: Cine, proxy_seg, segment_id: str, geometry: SliceGeometry, folder: str | os.PathLike, prefix: str = "frame"
+) -> list[Path]:
+    """One PNG (0/255, frame pixels as displayed) per frame; files written atomically."""
+    from PIL import Image
+
+    folder = Path(folder)
+    paths = []
+    for i, mask in enumerate(cine_frame_masks(cine, proxy_seg, segment_id, geometry)):
+        p = folder / f"{prefix}_{i:04d}.png"
+        _atomic_write(p, lambda tmp, m=mask: Image.fromarray((m * 255).astype(np.uint8)).save(tmp, format="PNG"))
+        paths.append(p)
+    return paths
+
+
+def export_frame_masks_seg_nrrd(cine: Cine, proxy_seg, folder: str | os.PathLike, prefix: str = "frame") -> list[Path]:
+    """One `.seg.nrrd` per frame (all segments, the frame's own geometry)."""
+    seg_seq = cine.browser.GetSequenceNode(proxy_seg)
+    folder = Path(folder)
+    paths = []
+    for i in range(cine.num_frames):
+        item = seg_seq.GetDataNodeAtValue(cine.sequence.GetNthIndexValue(i))
+        p = folder / f"{prefix}_{i:04d}.seg.nrrd"
+        save_segmentation(item, p)
+        paths.append(p)
+    return paths
