@@ -42,8 +42,18 @@ def _assemble(arch: Arch, image_size: int, peft: str | None, scope: str, options
     return UniUltraModel(sam, arch, image_size, desc, name)
 
 
-def _load(module: torch.nn.Module, sd: dict, source: str) -> None:
+def _load(module: torch.nn.Module, sd: dict, source: str, image_only: bool = False) -> None:
     try:
+        if image_only:  # the file holds exactly the single-image path; the rest stays as built
+            from uniultra.models.checkpoint import IMAGE_PATH_PREFIXES
+
+            expected = {k for k in module.state_dict() if k.startswith(IMAGE_PATH_PREFIXES)}
+            extra, missing = set(sd) - expected, expected - set(sd)
+            if extra or missing:
+                raise InputError(f"checkpoint {source} does not match the model architecture: "
+                                 f"{len(missing)} missing, {len(extra)} unexpected keys")
+            module.load_state_dict(sd, strict=False)
+            return
         load_state_strict(module, sd, source)
     except RuntimeError as e:  # size mismatch
         first = str(e).strip().splitlines()[-1].strip()[:200]
@@ -134,7 +144,7 @@ def build_model(
     else:
         sam = build_sam2_base(arch, size)
         desc = apply_peft(sam, saved.get("method"), saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
-        _load(sam, ckpt["model"], str(path))
+        _load(sam, ckpt["model"], str(path), bool(info.get("image_only")))
         model = UniUltraModel(sam, arch, size, desc, name)
     model.memory_trained = bool(info.get("memory_trained", False))
     if peft is not None and peft != desc["method"]:

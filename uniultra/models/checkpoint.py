@@ -83,9 +83,17 @@ def load_state_strict(module: torch.nn.Module, sd: dict, source: str) -> None:
     # shape mismatches raise inside load_state_dict; they are turned into InputError by callers
 
 
+IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+
+
 def save_checkpoint(model, path: str | Path, meta: dict | None = None, half: bool = False,
-                    trained_only: bool = False) -> Path:
-    """Save ``model`` (a UniUltraModel) atomically; ``half`` stores floats in fp16."""
+                    trained_only: bool = False, image_only: bool = False) -> Path:
+    """Save ``model`` (a UniUltraModel) atomically; ``half`` stores floats in fp16.
+
+    ``image_only`` leaves out the video memory modules (for models whose memory was never
+    trained, such as the bundled student): the file shrinks by half and loading rebuilds
+    those modules untrained, which is what they were.
+    """
     info = {
         "arch": model.arch.name,
         "image_size": model.image_size,
@@ -101,6 +109,10 @@ def save_checkpoint(model, path: str | Path, meta: dict | None = None, half: boo
     else:
         sd = model.sam.state_dict()
         key = "model"
+        if image_only:
+            sd = {k: v for k, v in sd.items() if k.startswith(IMAGE_PATH_PREFIXES)}
+            info["image_only"] = True
+            info["memory_trained"] = False
     sd = {k: (v.half() if half and v.is_floating_point() else v).cpu().clone() for k, v in sd.items()}
     atomic_torch_save({key: sd, "uniultra": info}, path)
     return Path(path)

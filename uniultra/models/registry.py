@@ -37,6 +37,7 @@ class ModelEntry:
     file: str | None = None            # path relative to Resources/ (bundled) or the user folder
     source: str = "official"           # official | bundled | user
     peft: str | None = None
+    params: int | None = None
     extra: dict = field(default_factory=dict)
 
     def local_path(self) -> Path | None:

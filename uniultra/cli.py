@@ -1,0 +1,427 @@
+"""The ``uniultra`` command.  Users script against it: keep options and outputs stable.
+
+Every bad input ends with one line ``uniultra: error: ...`` naming the input, exit status 2,
+and no partial output (files are written to a temporary place and moved in at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from uniultra.errors import Cancelled, InputError
+
+EXIT_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+# ------------------------------------------------------------------------------ helpers
+def _progress(iterable=None, total=None, desc="", disable=None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False,
+                disable=disable if disable is not None else not sys.stderr.isatty())
+
+
+def _load_predictor(args):
+    from uniultra.inference import Predictor
+    from uniultra.models import build_model
+
+    return Predictor(build_model(args.model), args.device)
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict]:
+    if not path.is_file():
+        raise InputError(f"CSV file {path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in fields]
+            if missing:
+                raise InputError(f"CSV file {path} lacks column(s) {', '.join(missing)}: "
+                                 f"the header must be {','.join(required)}")
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except UnicodeDecodeError:
+        raise InputError(f"CSV file {path} is not UTF-8 text") from None
+    if not rows:
+        raise InputError(f"CSV file {path} has no rows")
+    return rows
+
+
+def _row_box(row: dict, path: Path, line: int) -> tuple[float, float, float, float]:
+    try:
+        return tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1"))
+    except (TypeError, ValueError):
+        raise InputError(f"{path} line {line}: box {[row.get(k) for k in ('x0', 'y0', 'x1', 'y1')]} "
+                         "must be four numbers") from None
+
+
+def _safe_id(value: str, path: Path, line: int) -> str:
+    if not value or "/" in value or "\\" in value or value in (".", ".."):
+        raise InputError(f"{path} line {line}: id {value!r} cannot be used as a file name")
+    return value
+
+
+class _StagedDir:
+    """Write outputs into a temporary folder beside ``out_dir``; move them in only on success."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def __enter__(self) -> Path:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                for f in sorted(self.tmp.iterdir()):
+                    f.replace(self.out_dir / f.name)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def _image_hw(path: Path) -> tuple[int, int]:
+    from uniultra.data.io import read_image
+
+    return read_image(path).shape[:2]
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_models(args) -> int:
+    from uniultra.models.registry import load_registry
+
+    rows = []
+    for e in load_registry().values():
+        rows.append({"name": e.name, "arch": e.arch, "image_size": e.image_size,
+                     "params": e.params, "state": e.state, "source": e.source,
+                     "url": e.url, "path": str(e.local_path()) if e.local_path() else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':24} {'architecture':24} {'size':>5} {'params':>9}  state")
+    for r in rows:
+        params = f"{r['params'] / 1e6:8.2f}M" if r["params"] else "        -"
+        print(f"{r['name']:24} {r['arch']:24} {r['image_size']:>5} {params}  {r['state']}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from uniultra.models import build_model
+
+    options = {}
+    if args.lora_rank is not None:
+        options["rank"] = args.lora_rank
+    try:
+        model = build_model(args.model, image_size=args.image_size, peft=args.peft, peft_options=options,
+                            scope=args.scope, random_init=True)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    r = model.param_report()
+    r["encoder_gflops"] = round(model.encoder_gflops(), 3)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"model           {r['name']} ({r['arch']}, {r['image_size']} px, adaptation: {r['peft']})")
+    print(f"parameters      {r['total_params'] / 1e6:.2f}M total")
+    print(f"trainable       {r['trainable_params'] / 1e6:.2f}M ({r['trainable_share']:.2f}%)"
+          "  [memory modules counted, as in the UniUltra paper]")
+    print(f"updated         {r['updated_params'] / 1e6:.2f}M ({r['updated_share']:.2f}%)"
+          "  [receive gradients in single-image training]")
+    print(f"image encoder   {r['encoder_params'] / 1e6:.2f}M parameters, {r['encoder_gflops']:.1f} GFLOPs")
+    return 0
+
+
+def _parse_points(raw: list[list[str]] | None) -> tuple[list, list]:
+    pts, labels = [], []
+    for p in raw or []:
+        try:
+            x, y, lab = float(p[0]), float(p[1]), int(p[2])
+        except ValueError:
+            raise InputError(f"--point {' '.join(p)}: expected X Y LABEL with LABEL 1 or 0") from None
+        if lab not in (0, 1):
+            raise InputError(f"--point {' '.join(p)}: label must be 1 (positive) or 0 (negative)")
+        pts.append((x, y))
+        labels.append(lab)
+    return pts, labels
+
+
+def cmd_segment(args) -> int:
+    from uniultra.data.io import overlay_png, read_image, write_mask_png
+
+    if args.prompts:
+        return _segment_batch(args)
+    if not args.image or not args.out:
+        raise InputError("give --image IMG --box X0 Y0 X1 Y1 --out MASK.png, or --prompts CSV --out-dir DIR")
+    if not args.box and not args.point:
+        raise InputError("no prompt: give --box X0 Y0 X1 Y1 and/or --point X Y 1|0")
+    image = read_image(args.image)
+    pts, labels = _parse_points(args.point)
+    predictor = _load_predictor(args)
+    predictor.set_image(image)
+    pred = predictor.predict(boxes=args.box or None, points=pts or None, labels=labels or None,
+                             refine=args.refine)
+    if args.overlay:
+        overlay_png(args.overlay, image, list(pred.masks), boxes=args.box, points=pts or None,
+                    labels=labels or None)
+    write_mask_png(args.out, pred.mask)
+    print(f"{args.out}: {int(pred.mask.sum())} pixels, score {', '.join(f'{s:.3f}' for s in pred.scores)}")
+    return 0
+
+
+def _segment_batch(args) -> int:
+    from uniultra.data.io import read_image, write_mask_png
+    from uniultra.inference.predictor import check_box
+
+    if not args.out_dir:
+        raise InputError("--prompts needs --out-dir DIR")
+    csv_path = Path(args.prompts)
+    rows = _read_csv(csv_path, ["id", "image", "x0", "y0", "x1", "y1"])
+    jobs: dict[str, tuple[Path, list]] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
+    for line, r in enumerate(rows, start=2):  # check everything before any work is done
+        oid = _safe_id(r["id"], csv_path, line)
+        if oid in jobs:
+            raise InputError(f"{csv_path} line {line}: id {oid!r} appears twice")
+        img = Path(r["image"])
+        img = img if img.is_absolute() else csv_path.parent / img
+        if img not in sizes:
+            sizes[img] = _image_hw(img)
+        box = check_box(_row_box(r, csv_path, line), sizes[img], f"{csv_path} line {line}: box")
+        jobs[oid] = (img, box)
+    predictor = _load_predictor(args)
+    by_image: dict[Path, list[str]] = {}
+    for oid, (img, _) in jobs.items():
+        by_image.setdefault(img, []).append(oid)
+    with _StagedDir(Path(args.out_dir)) as tmp:
+        for img, ids in _progress(by_image.items(), total=len(by_image), desc="segment"):
+            predictor.set_image(read_image(img))  # one embedding per image, many objects
+            pred = predictor.predict(boxes=[jobs[i][1] for i in ids])
+            for oid, mask in zip(ids, pred.masks):
+                write_mask_png(tmp / f"{oid}.png", mask)
+    print(f"{len(jobs)} masks written to {args.out_dir}")
+    return 0
+
+
+def cmd_propagate(args) -> int:
+    from uniultra.data.io import read_frames, read_image, write_mask_png
+    from uniultra.inference import propagate, propagate_memory
+
+    if args.clip:
+        frames = read_frames(args.clip, axis=args.axis)
+        ids = [f"frame_{i:04d}" for i in range(len(frames))]
+        if args.frame is None or not args.box:
+            raise InputError("--clip needs --frame K and --box X0 Y0 X1 Y1")
+        if not (0 <= args.frame < len(frames)):
+            raise InputError(f"--frame {args.frame} is outside the clip {args.clip} (frames 0..{len(frames) - 1})")
+        key_boxes = {args.frame: args.box}
+    else:
+        if not args.frames or not args.prompts:
+            raise InputError("give --frames FRAMES.csv --prompts PROMPTS.csv, or --clip FILE --frame K --box ...")
+        fpath, ppath = Path(args.frames), Path(args.prompts)
+        frows = _read_csv(fpath, ["id", "image"])
+        ids = [_safe_id(r["id"], fpath, i) for i, r in enumerate(frows, start=2)]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{fpath}: frame ids must be unique")
+        paths = [Path(r["image"]) if Path(r["image"]).is_absolute() else fpath.parent / r["image"] for r in frows]
+        frames = [read_image(p) for p in _progress(paths, desc="read frames")]
+        index = {fid: i for i, fid in enumerate(ids)}
+        key_boxes: dict[int, list] = {}
+        for line, r in enumerate(_read_csv(ppath, ["id", "x0", "y0", "x1", "y1"]), start=2):
+            if r["id"] not in index:
+                raise InputError(f"{ppath} line {line}: frame id {r['id']!r} is not in {fpath}")
+            key_boxes.setdefault(index[r["id"]], []).append(_row_box(r, ppath, line))
+    predictor = _load_predictor(args)
+    engine = args.engine
+    if engine == "auto":
+        engine = "memory" if predictor.model.memory_trained else "box"
+    bar = _progress(total=1, desc="propagate")
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        if engine == "memory":
+            masks = propagate_memory(predictor, frames, key_boxes, args.direction, progress=progress)
+        else:
+            masks = propagate(predictor, frames, key_boxes, args.direction, margin=args.margin, progress=progress)
+    finally:
+        bar.close()
+    import numpy as np
+
+    hw = np.asarray(frames[0]).shape[:2]
+    with _StagedDir(Path(args.out_dir)) as tmp:
+        for fid, m in zip(ids, masks):
+            write_mask_png(tmp / f"{fid}.png", m if m is not None else np.zeros(hw, bool))
+    reached = sum(m is not None for m in masks)
+    print(f"{len(masks)} masks written to {args.out_dir} ({reached} frames with the object, engine {engine})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from uniultra.inference.onnx_export import export_onnx
+    from uniultra.models import build_model
+
+    if args.format != "onnx":
+        raise InputError(f"--format {args.format}: only onnx is supported")
+    enc, dec = export_onnx(build_model(args.model), args.out)
+    print(f"encoder: {enc}\ndecoder: {dec}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from uniultra.evaluation.evaluate import evaluate_clips, evaluate_dataset
+    from uniultra.inference import propagate
+
+    predictor = _load_predictor(args)
+    if args.clips:
+        res = evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb), args.data, split=args.split,
+                             jitter=args.jitter, seed=args.seed, out_dir=args.out_dir, limit=args.limit)
+    else:
+        def segment_fn(image, boxes, points, labels):
+            predictor.set_image(image)
+            return list(predictor.predict(boxes=boxes, points=points, labels=labels, refine=args.refine).masks)
+
+        res = evaluate_dataset(segment_fn, args.data, split=args.split, jitter=args.jitter, prompt=args.prompt,
+                               seed=args.seed, out_dir=args.out_dir, limit=args.limit)
+    if args.json:
+        print(json.dumps(res, indent=2, default=float))
+    else:
+        _print_eval(res, args.clips)
+    return 0
+
+
+def _print_eval(res: dict, clips: bool) -> None:
+    def f(v):
+        return "   -  " if v is None else f"{v:.3f}"
+
+    if clips:
+        print(f"{'dataset':12} {'clips':>5} {'frames':>6} {'dice':>6} {'static':>6}")
+        for name, d in res["datasets"].items():
+            print(f"{name:12} {d['n_clips']:>5} {d['n_frames']:>6} {f(d['dice'])} {f(d['static_ellipse_dice'])}")
+        return
+    print(f"{'dataset':12} {'images':>6} {'dice':>6} {'iou':>6} {'hd95':>7} {'mAP':>6} {'ellipse':>7} {'boxfill':>7}")
+    for name, d in res["datasets"].items():
+        hd = "   -   " if d.get("hd95") is None else f"{d['hd95']:7.1f}"
+        print(f"{name:12} {d['n_images']:>6} {f(d['dice'])} {f(d['iou'])} {hd} {f(d.get('map'))} "
+              f"{f(d['ellipse_dice'])}  {f(d['boxfill_dice'])}")
+
+
+# ------------------------------------------------------------------------------ parser
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registry name or checkpoint path (default: the bundled uniultra-mini-us)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from uniultra import __version__
+
+    ap = argparse.ArgumentParser(prog="uniultra", description="Box-prompted SAM2 segmentation for ultrasound.")
+    ap.add_argument("--version", action="version", version=f"uniultra {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="parameter counts and encoder GFLOPs of a model")
+    p.add_argument("model")
+    p.add_argument("--peft", default=None, help="ch-adapter, lora, adapter, cnn-branch, full, decoder")
+    p.add_argument("--scope", default="encoder+decoder", choices=["encoder+decoder", "decoder"])
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("segment", help="segment objects in an image from boxes/points (or a CSV batch)")
+    p.add_argument("--image")
+    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"),
+                   help="object box in pixels (inclusive corners); repeat for several objects")
+    p.add_argument("--point", nargs=3, action="append", metavar=("X", "Y", "LABEL"),
+                   help="point prompt, LABEL 1 = object, 0 = background; repeatable")
+    p.add_argument("--refine", action="store_true", help="second pass with the first mask as a mask prompt")
+    p.add_argument("--out", help="mask PNG (8-bit, 0/255)")
+    p.add_argument("--overlay", help="overlay PNG of image, mask and prompts")
+    p.add_argument("--prompts", help="batch CSV with header id,image,x0,y0,x1,y1")
+    p.add_argument("--out-dir", help="batch output folder: <id>.png per row")
+    _model_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("propagate", help="propagate boxes through a cine loop or volume")
+    p.add_argument("--frames", help="CSV id,image in temporal order")
+    p.add_argument("--prompts", help="CSV id,x0,y0,x1,y1 (id = a frame id)")
+    p.add_argument("--clip", help="multi-frame DICOM, .seq.nrrd, or 3D .nrrd/.nii.gz")
+    p.add_argument("--axis", type=int, default=0, help="slicing axis of a 3D volume (numpy order)")
+    p.add_argument("--frame", type=int, help="key frame index for --clip")
+    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"))
+    p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
+    p.add_argument("--engine", default="auto", choices=["auto", "box", "memory"],
+                   help="box chaining (every model) or SAM2 memory attention (trained memory only)")
+    p.add_argument("--margin", type=float, default=0.1, help="box expansion between frames (fraction)")
+    p.add_argument("--out-dir", required=True)
+    _model_args(p)
+    p.set_defaults(func=cmd_propagate)
+
+    p = sub.add_parser("export", help="export encoder + decoder to ONNX")
+    p.add_argument("--format", default="onnx")
+    p.add_argument("--out", required=True, help="encoder .onnx (the decoder is written beside it)")
+    _model_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU/HD95/mAP on a dataset next to the baselines")
+    p.add_argument("--data", required=True, help="a dataset folder (with split.csv) or a folder of them")
+    p.add_argument("--split", default="test")
+    p.add_argument("--jitter", type=float, default=0.1, help="per-edge box jitter (fraction of box size)")
+    p.add_argument("--prompt", default="box", choices=["box", "point", "box+points"])
+    p.add_argument("--refine", action="store_true")
+    p.add_argument("--clips", action="store_true", help="cine evaluation: first-frame box, propagated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out-dir", default=None, help="per-image CSV and best/worst overlays")
+    p.add_argument("--json", action="store_true")
+    _model_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    try:
+        from uniultra.training import cli_commands
+    except ImportError:
+        cli_commands = None
+    if cli_commands is not None:
+        cli_commands.add_train_parser(sub)
+        cli_commands.add_distill_parser(sub)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model", "x") is None:
+        from uniultra.inference import DEFAULT_MODEL
+
+        args.model = os.environ.get("UNIULTRA_MODEL", DEFAULT_MODEL)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"uniultra: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except (Cancelled, KeyboardInterrupt):
+        print("uniultra: cancelled; no partial output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
