@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -403,7 +404,9 @@ def read_coco(path) -> dict[str, dict]:
             rle = dict(seg)
             if isinstance(rle["counts"], str):
                 rle["counts"] = rle["counts"].encode("ascii")
-        m = mu.decode(rle).astype(bool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools vs numpy 2 copy keyword
+            m = mu.decode(rle).astype(bool)
         box = P.mask_box(m)
         if box is None:
             continue

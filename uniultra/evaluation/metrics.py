@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -156,7 +157,8 @@ def coco_map(gt_instances, pred_instances) -> dict:
                          "bbox": _bbox(m), "area": float(m.sum())})
     if not dets:
         return {"map": 0.0, "map50": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         gt = COCO()
         gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
         gt.createIndex()
