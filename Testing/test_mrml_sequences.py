@@ -196,3 +196,20 @@ def test_not_dicom_is_a_clear_error(tmp_path):
     p.write_bytes(b"nope")
     with pytest.raises(ValueError, match="DICOM"):
         read_dicom_cine(p)
+
+
+def test_shipped_sample_data_loads(ctx):
+    from mrml_fixtures import REPO
+    from PIL import Image
+
+    sample = REPO / "UniUltraSegment" / "Resources" / "SampleData"
+    cine = load_sequence_file(ctx, sample / "CarotidCine.seq.nrrd")
+    assert cine.num_frames == 10
+    geom = slice_geometry(cine.proxy, slice_to_ras(AXIAL, 0.0))
+    frames = cine.frames(geom)
+    assert frames[0].shape == geom.shape and frames[0].dtype == np.uint8
+    assert not np.array_equal(frames[0], frames[9])
+    png = np.array(Image.open(sample / "CarotidUS.png"))
+    assert png.ndim == 2 and png.dtype == np.uint8
+    total = sum(p.stat().st_size for p in sample.iterdir())
+    assert total < 1.5e6

@@ -235,6 +235,9 @@ def _atomic_write(path: Path, write) -> None:
         ok = write(tmp)
         if ok is False or ok == 0:
             raise OSError(f"could not write '{path}'")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
