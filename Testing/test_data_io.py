@@ -167,3 +167,13 @@ def test_overlay_png(tmp_path):
     assert a[15, 15, 0] > a[15, 15, 1]  # red-tinted inside the mask
     with pytest.raises(InputError, match="shape"):
         uio.render_overlay(img, [np.zeros((3, 3), bool)])
+
+
+def test_monochrome1_inverted(tmp_path):
+    from pydicom import examples
+
+    ds = pydicom.dcmread(examples.get_path("ct"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "m1.dcm")
+    a, b = read_image(tmp_path / "m1.dcm").astype(int), ds.pixel_array.astype(int)
+    assert (a + b == b.max() + b.min()).all()

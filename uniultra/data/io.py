@@ -162,11 +162,10 @@ def _dicom_frames_array(p: Path) -> np.ndarray:
             arr = convert_color_space(arr, src, "RGB")
         except Exception:
             arr = convert_color_space(arr, "YBR_FULL", "RGB")
-    elif pi == "MONOCHROME1":
-        arr = arr.max() - arr + arr.min() if arr.dtype.kind == "f" else (np.iinfo(arr.dtype).max - arr)
-        bits_stored = int(ds.get("BitsStored", 0) or 0)
-        if arr.dtype.kind == "u" and bits_stored and bits_stored < arr.dtype.itemsize * 8:
-            arr = arr - (np.iinfo(arr.dtype).max - (2**bits_stored - 1))
+    elif pi == "MONOCHROME1":  # display-inverted grey: flip within the data's own range
+        dt = arr.dtype
+        wide = arr.astype(np.float64 if dt.kind == "f" else np.int64)
+        arr = (wide.max() + wide.min() - wide).astype(dt)
     return np.ascontiguousarray(arr)
 
 
