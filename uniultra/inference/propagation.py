@@ -124,7 +124,7 @@ def propagate(
                 boxes = [expand_box(mask_box(m), hw, margin) for m, _ in alive]
                 p = predictor.predict(boxes=boxes)
                 new_objs = []
-                for (m_prev, a_prev), m_new, s in zip(alive, p.masks, p.scores):
+                for (_prev, a_prev), m_new, s in zip(alive, p.masks, p.scores):
                     area = float(m_new.sum())
                     lost = area == 0 or area < min_area_ratio * a_prev or s < min_score
                     new_objs.append((None, 0.0) if lost else (m_new, area))

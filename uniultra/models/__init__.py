@@ -110,7 +110,10 @@ def build_model(
                 f"weights of model {entry.name!r} are not installed: download {entry.url} to {path} "
                 "(or use the model manager in Slicer)"
             )
-        raise InputError(f"weights of model {name_or_path!r} are missing at {path}: check the path")
+        if entry is None:
+            raise InputError(f"checkpoint {path} does not exist: check the path, or run `uniultra models`")
+        raise InputError(f"weights of model {name_or_path!r} are missing at {path}: reinstall UniUltra "
+                         "or choose another model (`uniultra models`)")
     ckpt = read_checkpoint(path, entry.sha256 if entry is not None else None)
     info = ckpt.get("uniultra")
     name = entry.name if entry is not None else Path(path).stem
