@@ -1,0 +1,60 @@
+"""Thin, Qt-free bridge to the `uniultra` engine: lazy imports, numpy in, numpy out.
+
+Everything here may run on a worker thread: it touches no MRML node and no Qt object.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+DEFAULT_MODEL = "uniultra-mini-us"
+
+
+def missing_dependencies() -> list[str]:
+    """Python packages the engine needs that are not importable (checked without importing them)."""
+    needed = {"torch": "torch", "sam2": "sam2", "uniultra": "uniultra", "SimpleITK": "SimpleITK"}
+    return [pkg for mod, pkg in needed.items() if importlib.util.find_spec(mod) is None]
+
+
+def load_predictor(model: str = DEFAULT_MODEL, device: str = "cpu"):
+    """A `uniultra.inference.Predictor` for a registry name or a checkpoint path."""
+    from uniultra.inference import Predictor
+
+    if model.endswith((".pt", ".pth", ".ckpt")):
+        from uniultra.models import build_model
+
+        return Predictor(build_model(model, device=device))
+    try:
+        return Predictor.from_name(model, device=device)
+    except TypeError:  # engines whose from_name takes no device
+        return Predictor.from_name(model)
+
+
+def predict_mask(
+    predictor,
+    image: np.ndarray,
+    boxes: Sequence[tuple[int, int, int, int]] = (),
+    points: Sequence[tuple[int, int]] = (),
+    labels: Sequence[int] = (),
+    refine: bool = False,
+) -> np.ndarray:
+    """One (H, W) bool mask for the prompts on `image`: the union of the per-box masks."""
+    predictor.set_image(image)
+    result = predictor.predict(
+        boxes=list(boxes) or None, points=list(points) or None, labels=list(labels) or None, refine=refine
+    )
+    masks = np.asarray(result.masks, bool)
+    if masks.ndim == 2:
+        return masks
+    return masks.any(axis=0) if len(masks) else np.zeros(image.shape[:2], bool)
+
+
+def make_propagate(predictor) -> Callable:
+    """`propagate(frames, key_boxes, direction=, progress=, cancel=)` with the predictor bound."""
+    from uniultra.inference.propagation import propagate
+
+    return functools.partial(propagate, predictor)
