@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -14,14 +15,26 @@ import numpy as np
 DEFAULT_MODEL = "uniultra-mini-us"
 
 
+def _add_source_tree_engine() -> None:
+    """Running from a source checkout: the engine package sits two folders up; make it importable."""
+    if importlib.util.find_spec("uniultra") is None:
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2]
+        if (root / "uniultra" / "__init__.py").exists() and str(root) not in sys.path:
+            sys.path.append(str(root))
+
+
 def missing_dependencies() -> list[str]:
     """Python packages the engine needs that are not importable (checked without importing them)."""
+    _add_source_tree_engine()
     needed = {"torch": "torch", "sam2": "sam2", "uniultra": "uniultra", "SimpleITK": "SimpleITK"}
     return [pkg for mod, pkg in needed.items() if importlib.util.find_spec(mod) is None]
 
 
 def load_predictor(model: str = DEFAULT_MODEL, device: str = "cpu"):
     """A `uniultra.inference.Predictor` for a registry name or a checkpoint path."""
+    _add_source_tree_engine()
     from uniultra.inference import Predictor
 
     if model.endswith((".pt", ".pth", ".ckpt")):
