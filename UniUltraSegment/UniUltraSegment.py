@@ -337,7 +337,8 @@ class UniUltraSegmentLogic(ScriptedLoadableModuleLogic):
                 if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
                     return False
             if any(m != "torch" for m in missing):
-                slicer.util.pip_install(PIP_REQUIREMENTS)
+                os.environ.setdefault("SAM2_BUILD_CUDA", "0")  # sam2 builds from source: skip its CUDA extension
+                slicer.util.pip_install(" ".join(PIP_REQUIREMENTS))  # a string works on every Slicer 5.x
         still = missing_dependencies()
         if still:
             logging.error("UniUltra: still missing %s", still)
