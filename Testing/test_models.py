@@ -24,7 +24,7 @@ def _trainable(model):
 
 
 def test_ch_adapter_in_every_block_and_freezing():
-    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, peft="ch-adapter")
+    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True, peft="ch-adapter")
     trunk = m.sam.image_encoder.trunk
     assert isinstance(trunk, CHAdaptedHiera)
     assert all(isinstance(b, CHAdaptedBlock) for b in trunk.blocks)
@@ -70,7 +70,7 @@ def test_edge_map_follows_stage_grids():
 
 @pytest.mark.parametrize("scope", ["encoder+decoder", "decoder"])
 def test_lora_rank_targets_and_freezing(scope):
-    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, peft="lora", peft_options={"rank": 4}, scope=scope)
+    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True, peft="lora", peft_options={"rank": 4}, scope=scope)
     train = _trainable(m)
     assert train and all("lora_" in n for n in train)
     qkv = m.sam.image_encoder.trunk.blocks[0].attn.qkv
@@ -96,14 +96,14 @@ def test_lora_starts_as_identity():
 
 
 def test_adapter_and_cnn_branch_and_full_and_decoder():
-    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, peft="adapter")
+    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True, peft="adapter")
     train = _trainable(m)
     assert any(".attn.adapter." in n for n in train) and any(".mlp.adapter." in n for n in train)
     assert any(n.startswith("sam_mask_decoder.transformer.layers.0.mlp.adapter") for n in train)
     assert len({n.split(".")[3] for n in train if n.startswith("image_encoder.trunk.blocks.")}) == 4
     assert _forward(m).shape[1:] == (1, SIZE // 4, SIZE // 4)
 
-    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, peft="cnn-branch", peft_options={"depth": 18})
+    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True, peft="cnn-branch", peft_options={"depth": 18})
     train = _trainable(m)
     assert any(n.startswith("image_encoder.trunk.cnn_branch.") for n in train)
     assert not any(n.startswith("image_encoder.trunk.blocks.") for n in train)
@@ -129,7 +129,7 @@ def test_bad_method_options_and_sizes():
 
 def test_paper_counts_hiera_large_and_mini():
     """UniUltra's 8.91% (memory modules counted as trainable) and UniUltra-mini's 0.86M encoder."""
-    large = build_model("sam2-hiera-large", image_size=256, peft="ch-adapter")
+    large = build_model("sam2-hiera-large", image_size=256, peft="ch-adapter", random_init=True)
     r = large.param_report()
     adapters = sum(p.numel() for n, p in large.sam.named_parameters() if "ch_adapter" in n or "edge_stem" in n)
     assert round(adapters / 1e6, 2) == 9.07
@@ -161,7 +161,7 @@ def test_updated_params_really_receive_gradients():
 
 def test_meta_checkpoint_round_trip(tmp_path):
     """A bare Meta-format checkpoint loads strictly, architecture inferred from its keys."""
-    m = build_model("sam2.1-hiera-tiny", image_size=SIZE)
+    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True)
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": m.sam.state_dict()}, path)
     again = build_model(str(path), image_size=SIZE)

@@ -114,7 +114,7 @@ def propagate(
         out[key] = pred.mask
         tick()
         for run in runs:
-            objs = [(m, float(m.sum())) for m in key_masks]
+            objs = [(m, float(m.sum())) if m.any() else (None, 0.0) for m in key_masks]
             for idx in run:
                 alive = [(m, a) for m, a in objs if m is not None]
                 if not alive:  # every object lost: nothing more to follow in this run

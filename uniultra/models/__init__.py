@@ -83,9 +83,10 @@ def build_model(
 ) -> UniUltraModel:
     """Build a model from a registry name, an architecture name or a checkpoint file.
 
-    - architecture name (``sam2.1-hiera-tiny``, ``uniultra-mini``...): random weights.
-    - registry name: its weights (bundled, installed or trained here); a missing download
-      raises an error with the URL to fetch it from.  ``random_init`` skips the weights.
+    - registry name (``sam2.1-hiera-tiny``, ``uniultra-mini-us``...): its weights (bundled,
+      installed or trained here); a missing download raises an error with the URL to fetch it.
+    - ``random_init=True``, or an architecture that is not in the registry (``uniultra-mini``,
+      ``uniultra-student-e8``): the architecture with random weights.
     - a ``.pt`` file: Meta's ``{"model": ...}`` (architecture inferred from the keys) or a
       UniUltra checkpoint (full or adapter-only), rebuilt exactly as it was trained.
     ``peft``/``peft_options`` add an adaptation on top (for training); a UniUltra checkpoint
@@ -96,7 +97,7 @@ def build_model(
         arch = canonical_arch(name_or_path)
     except ValueError:
         arch = None
-    if arch is not None:
+    if arch is not None and (random_init or name_or_path not in load_registry()):
         size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
         return _assemble(arch, size, peft, scope, options, None, arch.name, None).to(device)
 

@@ -26,7 +26,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from sam2.modeling.backbones.hieradet import Hiera
 from torch import nn
 
@@ -167,6 +166,8 @@ class CNNBranch(nn.Module):
 
     def __init__(self, trunk: Hiera, depth: int = 34):
         super().__init__()
+        import torchvision  # only this method needs it; it costs a second at start-up
+
         ctor = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
                 50: torchvision.models.resnet50}
         if depth not in ctor:

@@ -1,0 +1,166 @@
+"""The `uniultra` command: outputs, JSON keys, and every bad input -> one line, exit 2, no output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uniultra.cli import main
+from uniultra.models import build_model, save_checkpoint
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(build_model("uniultra-student-e8", image_size=SIZE), path)
+    return str(path)
+
+
+@pytest.fixture
+def image(tmp_path):
+    rng = np.random.default_rng(0)
+    a = (rng.random((48, 64)) * 255).astype(np.uint8)
+    p = tmp_path / "img.png"
+    Image.fromarray(a).save(p)
+    return p
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_segment_writes_mask_and_overlay(capsys, ckpt, image, tmp_path):
+    code, out, err = run(capsys, "segment", "--image", image, "--box", 5, 5, 40, 30, "--point", 20, 20, 1,
+                         "--model", ckpt, "--device", "cpu", "--out", tmp_path / "m.png",
+                         "--overlay", tmp_path / "o.png")
+    assert code == 0, err
+    m = np.asarray(Image.open(tmp_path / "m.png"))
+    assert m.shape == (48, 64) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
+    assert Image.open(tmp_path / "o.png").size == (64, 48)
+
+
+def test_segment_batch(capsys, ckpt, image, tmp_path):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text(f"id,image,x0,y0,x1,y1\na,{image.name},5,5,40,30\nb,{image},10,10,20,20\n")
+    code, _, err = run(capsys, "segment", "--prompts", csv, "--out-dir", tmp_path / "out", "--model", ckpt)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    assert np.asarray(Image.open(tmp_path / "out" / "a.png")).shape == (48, 64)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("a,img.png,5,5,40,30\nb,missing.png,1,1,5,5\n", "missing.png"),
+    ("a,img.png,40,5,5,30\n", "empty: x1"),
+    ("a,img.png,500,500,600,600\n", "outside"),
+    ("a,img.png,x,5,40,30\n", "four numbers"),
+    ("a,img.png,5,5,40,30\na,img.png,5,5,40,30\n", "twice"),
+])
+def test_segment_batch_bad_rows_write_nothing(capsys, ckpt, image, tmp_path, rows, message):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("id,image,x0,y0,x1,y1\n" + rows)
+    code, out, err = run(capsys, "segment", "--prompts", csv, "--out-dir", tmp_path / "out", "--model", ckpt)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "nope.png", "--box", 1, 1, 5, 5], "nope.png"),
+    (["--image", "{img}", "--box", 30, 5, 10, 20], "empty"),
+    (["--image", "{img}", "--point", 500, 5, 1], "outside"),
+    (["--image", "{img}", "--point", 5, 5, 7], "label"),
+    (["--image", "{img}"], "no prompt"),
+    (["--image", "{img}", "--box", 1, 1, 5, 5, "--model", "no-such-model"], "unknown model"),
+    (["--image", "{img}", "--box", 1, 1, 5, 5, "--model", "sam2.1-hiera-large"], "dl.fbaipublicfiles.com"),
+    (["--image", "{img}", "--box", 1, 1, 5, 5, "--device", "cuda"], "cuda"),
+])
+def test_segment_bad_inputs(capsys, ckpt, image, tmp_path, argv, message, monkeypatch):
+    monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [str(image) if a == "{img}" else a for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", ckpt]
+    out_png = tmp_path / "m.png"
+    code, _, err = run(capsys, "segment", *argv, "--out", out_png)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err and err.startswith("uniultra: error:")
+    assert not out_png.exists()
+
+
+def test_truncated_model_file(capsys, ckpt, image, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(ckpt, "rb").read()[:1000])
+    code, _, err = run(capsys, "segment", "--image", image, "--box", 1, 1, 5, 5, "--model", bad,
+                       "--out", tmp_path / "m.png")
+    assert code == 2 and "truncated" in err
+
+
+def test_propagate_frames_and_clip(capsys, ckpt, tmp_path):
+    rng = np.random.default_rng(1)
+    lines = ["id,image"]
+    frames = []
+    for i in range(4):
+        a = (rng.random((40, 50)) * 255).astype(np.uint8)
+        frames.append(a)
+        Image.fromarray(a).save(tmp_path / f"f{i}.png")
+        lines.append(f"f{i},f{i}.png")
+    (tmp_path / "frames.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "prompts.csv").write_text("id,x0,y0,x1,y1\nf1,5,5,30,30\n")
+    code, _, err = run(capsys, "propagate", "--frames", tmp_path / "frames.csv", "--prompts",
+                       tmp_path / "prompts.csv", "--out-dir", tmp_path / "out", "--model", ckpt)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"f{i}.png" for i in range(4)]
+    from uniultra.data.io import write_seq_nrrd
+
+    clip = write_seq_nrrd(tmp_path / "clip.seq.nrrd", frames)
+    code, _, err = run(capsys, "propagate", "--clip", clip, "--frame", 0, "--box", 5, 5, 30, 30,
+                       "--out-dir", tmp_path / "out2", "--model", ckpt)
+    assert code == 0, err
+    assert len(list((tmp_path / "out2").iterdir())) == 4
+    (tmp_path / "prompts.csv").write_text("id,x0,y0,x1,y1\nf9,5,5,30,30\n")
+    code, _, err = run(capsys, "propagate", "--frames", tmp_path / "frames.csv", "--prompts",
+                       tmp_path / "prompts.csv", "--out-dir", tmp_path / "out3", "--model", ckpt)
+    assert code == 2 and "f9" in err and not (tmp_path / "out3").exists()
+    code, _, err = run(capsys, "propagate", "--clip", clip, "--frame", 7, "--box", 5, 5, 30, 30,
+                       "--out-dir", tmp_path / "out4", "--model", ckpt)
+    assert code == 2 and "outside the clip" in err
+
+
+def test_propagate_real_dicom(capsys, ckpt, data_root, tmp_path):
+    dcm = data_root / "dicom" / "US-PAL-8-10x-echo.dcm"
+    code, _, err = run(capsys, "propagate", "--clip", dcm, "--frame", 3, "--box", 200, 150, 400, 300,
+                       "--out-dir", tmp_path / "out", "--model", ckpt)
+    assert code == 0, err
+    assert len(list((tmp_path / "out").iterdir())) == 10
+
+
+def test_info_json_keys(capsys):
+    code, out, _ = run(capsys, "info", "uniultra-mini", "--json", "--image-size", 256)
+    assert code == 0
+    r = json.loads(out)
+    for key in ("total_params", "trainable_params", "trainable_share", "updated_params", "encoder_params",
+                "encoder_gflops"):
+        assert key in r
+    assert round(r["encoder_params"] / 1e6, 2) == 0.86 and r["encoder_gflops"] > 0
+
+
+def test_models_lists_registry(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "sam2.1-hiera-large" in out and "uniultra-mini-us" in out
+
+
+def test_export_onnx(capsys, ckpt, tmp_path):
+    code, out, err = run(capsys, "export", "--model", ckpt, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.decoder.onnx").is_file()
+    code, _, err = run(capsys, "export", "--model", ckpt, "--format", "tflite", "--out", tmp_path / "x")
+    assert code == 2 and "onnx" in err
