@@ -5,7 +5,6 @@ Everything here may run on a worker thread: it touches no MRML node and no Qt ob
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
@@ -67,7 +66,20 @@ def predict_mask(
 
 
 def make_propagate(predictor) -> Callable:
-    """`propagate(frames, key_boxes, direction=, progress=, cancel=)` with the predictor bound."""
+    """`propagate(frames, key_boxes, direction=, progress=, cancel=)` with the predictor bound.
+
+    Adapts the engine to the logic layer: the engine reports progress as (done, total) and
+    raises `Cancelled`; the logic layer takes a fraction in [0, 1] and checks `cancel()` itself
+    after the call (nothing is written when it is true).
+    """
+    from uniultra.errors import Cancelled
     from uniultra.inference.propagation import propagate
 
-    return functools.partial(propagate, predictor)
+    def run(frames, key_boxes, direction="both", progress=None, cancel=None):
+        report = None if progress is None else (lambda done, total: progress(done / max(total, 1)))
+        try:
+            return propagate(predictor, frames, key_boxes, direction=direction, progress=report, cancel=cancel)
+        except Cancelled:
+            return [None] * len(frames)
+
+    return run
