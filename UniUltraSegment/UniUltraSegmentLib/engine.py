@@ -39,7 +39,7 @@ def load_predictor(model: str = DEFAULT_MODEL, device: str = "cpu"):
     if model.endswith((".pt", ".pth", ".ckpt")):
         from uniultra.models import build_model
 
-        return Predictor(build_model(model, device=device))
+        return Predictor(build_model(model, device=device), device)
     try:
         return Predictor.from_name(model, device=device)
     except TypeError:  # engines whose from_name takes no device

@@ -1,0 +1,138 @@
+"""Speed and memory of the bundled default next to SAM2.1-hiera-tiny at 1024, in one run.
+
+Each model runs in its own subprocess so that its peak memory (max resident set size) is its
+own.  Reported side by side, with ratios; absolute numbers only with the machine named.
+
+    .venv/bin/python benchmarks/speed.py [--repeats 10] [--threads 2] [--out benchmarks/results]
+
+Measures (1) latency of one box prompt including the image embedding and of a prompt on a
+cached embedding, (2) peak memory, (3) cine throughput (frames/s) propagating one box through
+a carotid test clip.  SAM2.1-hiera-tiny has random weights here (no downloads): its speed is
+that of the real model; its masks are meaningless and are not looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("UNIULTRA_DATA", REPO.parent / "shared" / "data"))
+MODELS = [("uniultra-mini-us", "uniultra-mini-us (bundled)"), ("sam2.1-hiera-tiny", "SAM2.1-hiera-tiny @1024")]
+
+
+def carotid_clip(n: int = 30):
+    from uniultra.data.io import read_image
+
+    rows = [r for r in csv.DictReader(open(DATA / "carotid" / "split.csv")) if r["split"] == "test"]
+    clip = rows[0]["clip"]
+    ids = [r["id"] for r in sorted((r for r in rows if r["clip"] == clip), key=lambda r: int(r["frame"]))][:n]
+    frames = [read_image(DATA / "carotid" / "images" / f"{i}.png") for i in ids]
+    import numpy as np
+
+    gt = read_image(DATA / "carotid" / "masks" / f"{ids[0]}.png") > 0
+    ys, xs = np.nonzero(gt)
+    return frames, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def worker(name: str, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from uniultra.inference import Predictor, propagate
+    from uniultra.models import build_model
+
+    model = build_model(name, random_init=name.startswith("sam2"))
+    p = Predictor(model, "cpu")
+    frames, box = carotid_clip()
+    image = frames[0]
+    p.set_image(image)
+    p.predict(boxes=[box])  # warm-up
+    full, cached = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        p.set_image(image)
+        p.predict(boxes=[box])
+        full.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        p.predict(boxes=[box])
+        cached.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    masks = propagate(p, frames, {0: [box]}, direction="forward", min_area_ratio=0.0)
+    fps = len(frames) / (time.perf_counter() - t)
+    return {
+        "model": name, "image_size": model.image_size,
+        "encoder_params": model.param_report()["encoder_params"],
+        "box_ms": 1000 * statistics.median(full), "cached_ms": 1000 * statistics.median(cached),
+        "cine_fps": fps, "frames": len(frames), "frames_segmented": sum(m is not None for m in masks),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def baseline_rss() -> float:
+    """Peak RSS of a process that imports everything but builds no model (subtracted)."""
+    code = ("import resource, torch, uniultra.inference, uniultra.models;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.repeats, args.threads)))
+        return 0
+    base = baseline_rss()
+    rows = []
+    for name, label in MODELS:
+        out = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats),
+                              "--threads", str(args.threads)], capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr, file=sys.stderr)
+            return 1
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["label"] = label
+        r["model_mem_mb"] = r["peak_rss_mb"] - base
+        rows.append(r)
+    a, b = rows
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+    lines = [
+        f"Machine: {machine}; CPU only; median of {args.repeats} runs.",
+        "",
+        f"| | {a['label']} | {b['label']} | ratio (tiny / bundled) |",
+        "|---|---|---|---|",
+        f"| input size | {a['image_size']} | {b['image_size']} | |",
+        f"| image-encoder parameters | {a['encoder_params'] / 1e6:.2f}M | {b['encoder_params'] / 1e6:.2f}M | "
+        f"{b['encoder_params'] / a['encoder_params']:.1f}x |",
+        f"| one box prompt, embedding included | {a['box_ms']:.1f} ms | {b['box_ms']:.1f} ms | {b['box_ms'] / a['box_ms']:.1f}x |",
+        f"| prompt on a cached embedding | {a['cached_ms']:.1f} ms | {b['cached_ms']:.1f} ms | "
+        f"{b['cached_ms'] / a['cached_ms']:.1f}x |",
+        f"| peak memory above the bare process ({base:.0f} MB) | {a['model_mem_mb']:.0f} MB | {b['model_mem_mb']:.0f} MB | "
+        f"{b['model_mem_mb'] / max(a['model_mem_mb'], 1):.1f}x |",
+        f"| cine propagation ({a['frames']} carotid frames) | {a['cine_fps']:.1f} frames/s | {b['cine_fps']:.1f} frames/s | "
+        f"{a['cine_fps'] / b['cine_fps']:.1f}x faster |",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.md").write_text(text + "\n")
+    (out / "speed.json").write_text(json.dumps({"machine": machine, "rows": rows, "baseline_rss_mb": base}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
