@@ -113,6 +113,7 @@ class TrainConfig:
     final_full: bool = False              # also write model_full.pt (whole state dict)
     final_half: bool = False              # store model_full.pt in fp16
     register: str | None = None
+    name: str | None = None               # model name stored in the checkpoints (default: register)
     description: str = ""
     log_every: int = 10
     progress_bar: bool = True
@@ -407,7 +408,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
     from uniultra.data.datasets import PromptSegDataset, UniformDataset, combine
     from uniultra.models import build_model
     from uniultra.models.checkpoint import atomic_torch_save, save_checkpoint
-    from uniultra.training.data import CachedSource, EpochSampler, SaltedConcat, val_set
+    from uniultra.training.data import AugmentedSource, CachedSource, EpochSampler, SaltedConcat, val_set
 
     _check_config(cfg)
     if cfg.threads:
@@ -433,11 +434,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
             raise InputError(f"--data {r}: no images in the train split (split.csv); check the dataset")
         splits.append(ds)
     sources = [CachedSource(ds) if cfg.preload else ds for ds in splits]
+    if cfg.augment:
+        sources = [AugmentedSource(src, cfg.seed, **cfg.aug_options) for src in sources]
     S = int(cfg.image_size)
     pds = [PromptSegDataset(src, S, mask_div=1, max_instances=cfg.max_instances, prompt=cfg.prompt,
                             jitter=cfg.jitter, shift_px=cfg.shift_px, n_pos=cfg.n_pos, n_neg=cfg.n_neg,
-                            augment=cfg.augment, min_area_frac=cfg.min_area_frac, seed=cfg.seed,
-                            aug_options=cfg.aug_options)
+                            augment=False, min_area_frac=cfg.min_area_frac, seed=cfg.seed)
            for src in sources]
     concat = SaltedConcat(pds)
     weights = None
@@ -548,8 +550,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
         meta = dict(meta_common)
         meta.update({"val_dice": (val or {}).get("mean"), "val_dice_per_dataset": val or {},
                      "step": state["step"], "date": _dt.datetime.now().isoformat(timespec="seconds")})
-        if cfg.register:
-            meta["name"] = cfg.register
+        if cfg.name or cfg.register:
+            meta["name"] = cfg.name or cfg.register
         save_checkpoint(model, path, meta, half=half, trained_only=(adapter_only and not full))
 
     # ---------------- SIGINT
@@ -575,16 +577,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
     t_win, n_win = time.perf_counter(), 0
     status = "finished"
     net.train()
+    # Persistent workers are safe: every sample is seeded by the (index, salt) the sampler hands
+    # out in this process, so workers hold no per-epoch state.
+    loader = torch.utils.data.DataLoader(
+        concat, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=True, generator=dl_gen, pin_memory=(device.type == "cuda"),
+        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None,
+        worker_init_fn=_worker_init if cfg.num_workers else None)
     try:
         while state["step"] < total_steps:
             epoch = state["epoch"]
             skip = state["step_in_epoch"] * cfg.accumulate * cfg.batch_size
             sampler.set_epoch(epoch, skip)
-            loader = torch.utils.data.DataLoader(
-                concat, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                drop_last=True, generator=dl_gen, pin_memory=(device.type == "cuda"),
-                persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
-                worker_init_fn=_worker_init if cfg.num_workers else None)
             it = iter(loader)
             while state["step_in_epoch"] < steps_per_epoch and state["step"] < total_steps:
                 opt.zero_grad(set_to_none=True)
@@ -670,10 +674,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                     status = "early-stopped"
                     state["stopped"] = f"no val improvement in {cfg.patience} validations"
                     break
-            del it, loader
+            del it
             if status != "finished":
                 break
     finally:
+        del loader
         if bar is not None:
             bar.close()
         if old_handler is not None:
