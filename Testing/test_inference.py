@@ -162,3 +162,21 @@ def test_onnx_parity(model, busi_image, tmp_path):
         ref = p.predict(boxes=[kw["box"]] if "box" in kw else None, points=kw.get("points"), labels=kw.get("labels"))
         assert np.abs(logits - ref.low_res_logits.numpy()).max() < PARITY_TOLERANCE
         assert abs(score - float(ref.scores[0])) < PARITY_TOLERANCE
+
+
+def test_memory_propagation_runs_from_numpy_frames():
+    """SAM2's video predictor path on in-memory frames (random weights: mechanics only)."""
+    from uniultra.inference import propagate_memory
+
+    torch.manual_seed(0)
+    m = build_model("sam2.1-hiera-tiny", image_size=64, random_init=True)
+    p = Predictor(m, "cpu")
+    frames = [np.random.default_rng(i).integers(0, 255, (40, 56), dtype=np.uint8) for i in range(4)]
+    with pytest.raises(InputError, match="untrained memory"):
+        propagate_memory(p, frames, {1: [(5, 5, 30, 30)]})
+    m.memory_trained = True
+    seen = []
+    out = propagate_memory(p, frames, {1: [(5, 5, 30, 30)]}, progress=lambda d, t: seen.append((d, t)))
+    assert len(out) == 4 and all(o is None or o.shape == (40, 56) for o in out)
+    assert seen[-1] == (5, 5)  # frames 1..3 forward, then 1..0 backward
+    assert type(m.sam).__name__ == "SAM2Base"  # the model is left as it was

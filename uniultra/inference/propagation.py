@@ -180,7 +180,9 @@ def propagate_memory(
             runs.append(False)
         if direction in ("both", "backward"):
             runs.append(True)
-        total, done = len(frames) * len(runs), 0
+        first, last = min(key_boxes), max(key_boxes)
+        total = sum(last + 1 if reverse else len(frames) - first for reverse in runs)
+        done = 0
         for reverse in runs:
             for idx, _ids, logits in sam.propagate_in_video(state, reverse=reverse):
                 m = (logits[:, 0] > 0).any(0).cpu().numpy()
