@@ -1,0 +1,641 @@
+"""Train runner (no Qt): the `uniultra train` / `uniultra distill` command line, run as a subprocess.
+
+Training runs in its own process (`PythonSlicer` inside Slicer, any Python with the engine
+outside) so the application stays responsive, a crash cannot take the scene with it, and
+Cancel can always stop it.  The runner
+
+* builds the command line from options (base model, adaptation method, epochs, lr, ...);
+* starts it in its own process group and streams its output line by line (tqdm's carriage
+  returns count as line ends), parsing progress ("12/40") and validation lines;
+* reads the trainer's files in the run folder: ``metrics.csv`` (step, epoch, lr, train_loss,
+  val_dice, val_<dataset>..., img_per_s, elapsed_s) for the live chart, ``summary.json`` at the
+  end, ``last.pt`` for Resume;
+* cancels by sending SIGINT to the group (the trainer stops after the current step and saves its
+  resume state), escalating to terminate/kill after a grace period; ``best.pt`` stays;
+* evaluates models on the validation split with ``uniultra evaluate --json`` (Dice next to the
+  ellipse-in-box and filled-box baselines, seconds per image) and registers a trained model in
+  the engine's user registry with its provenance.
+
+Nothing here imports torch: the engine is only reached through its command line, except for
+registration (`uniultra.models.registry`, imported lazily).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BASE = "uniultra-mini-us"
+DEFAULT_STUDENT = "uniultra-student-e16"
+METHODS = ("ch-adapter", "lora", "adapter", "cnn-branch", "full", "decoder")
+STUDENTS = ("uniultra-student-e8", "uniultra-student-e16", "uniultra-student-e24", "uniultra-student-e32",
+            "uniultra-student-e48")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+_PROGRESS = re.compile(r"(\d+)/(\d+)\s*\[")  # tqdm: " 40%|####      | 4/10 [00:01<00:02, ...]"
+_STEP_VAL = re.compile(r"step (\d+): val Dice ([0-9.]+|nan)")
+_STEP = re.compile(r"step (\d+)/(\d+)")
+
+
+# ------------------------------------------------------------------------------------ options
+@dataclass
+class TrainOptions:
+    """What the Train panel offers; becomes `uniultra train` arguments."""
+
+    data: list[str]
+    out: str
+    base: str = DEFAULT_BASE  # registry name, SAM2/SAM2.1 checkpoint file, earlier trained model
+    method: str = "ch-adapter"
+    epochs: int = 20
+    steps: int | None = None
+    lr: float = 1e-4
+    image_size: int | None = None  # default: the base model's
+    batch_size: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    register: str | None = None
+    description: str = ""
+    resume: bool = False
+    random_init: bool = False  # an architecture name trains from random weights anyway
+    extra_args: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Raise ValueError naming the option and what to do."""
+        if not self.data:
+            raise ValueError("no training data: export a dataset first (or choose a dataset folder)")
+        for d in self.data:
+            if not Path(d).is_dir():
+                raise ValueError(f"training data folder '{d}' does not exist: export the dataset first")
+        if not self.out:
+            raise ValueError("no output folder: choose where the trained model goes")
+        if self.method not in METHODS:
+            raise ValueError(f"adaptation method '{self.method}' is not one of {', '.join(METHODS)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs {self.epochs}: give at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps {self.steps}: give at least 1")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"learning rate {self.lr}: give a positive number such as 1e-4")
+        if self.image_size is not None and (self.image_size < 64 or self.image_size % 32):
+            raise ValueError(f"image size {self.image_size}: give a multiple of 32, at least 64 (e.g. 256)")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device '{self.device}' is not one of {', '.join(DEVICES)}")
+        if self.register is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.register):
+            raise ValueError(f"model name '{self.register}': use letters, digits, '.', '_' or '-' (no spaces)")
+        base = self.base.strip()
+        if not base:
+            raise ValueError("no base model: choose the bundled default, a checkpoint file or a trained model")
+        if base.endswith((".pt", ".pth", ".ckpt")) and not Path(base).is_file():
+            raise ValueError(f"base checkpoint '{base}' does not exist: choose the file again")
+
+
+@dataclass
+class DistillOptions:
+    """What the Distill panel offers; becomes `uniultra distill` arguments."""
+
+    data: list[str]
+    out: str
+    teacher: str = DEFAULT_BASE
+    student: str = DEFAULT_STUDENT
+    epochs: int = 20
+    steps: int | None = None
+    lr: float = 1e-4
+    image_size: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    register: str | None = None
+    description: str = ""
+    resume: bool = False
+    extra_args: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        TrainOptions(self.data, self.out, self.teacher, "ch-adapter", self.epochs, self.steps, self.lr,
+                     self.image_size, self.batch_size, self.device, self.seed, self.register).check()
+        if not self.student:
+            raise ValueError("no student: choose a student size (e.g. uniultra-student-e16)")
+
+
+def _common_args(o, resume: bool) -> list[str]:
+    args: list[str] = []
+    for d in o.data:
+        args += ["--data", str(d)]
+    args += ["--out", str(o.out), "--epochs", str(int(o.epochs)), "--lr", f"{o.lr:g}", "--device", o.device,
+             "--seed", str(int(o.seed))]
+    if o.steps is not None:
+        args += ["--steps", str(int(o.steps))]
+    if o.image_size is not None:
+        args += ["--image-size", str(int(o.image_size))]
+    if o.batch_size is not None:
+        args += ["--batch-size", str(int(o.batch_size))]
+    if o.register:
+        args += ["--register", o.register]
+    if o.description:
+        args += ["--description", o.description]
+    if resume:
+        args.append("--resume")
+    return args
+
+
+def train_args(o: TrainOptions) -> list[str]:
+    """`uniultra train ...` arguments (without the program)."""
+    args = ["train", "--model", o.base.strip(), "--peft", o.method] + _common_args(o, o.resume)
+    if o.random_init:
+        args.append("--random-init")
+    return args + list(o.extra_args)
+
+
+def distill_args(o: DistillOptions) -> list[str]:
+    """`uniultra distill ...` arguments (without the program)."""
+    args = ["distill", "--teacher", o.teacher.strip(), "--student", o.student] + _common_args(o, o.resume)
+    return args + list(o.extra_args)
+
+
+def evaluate_args(model: str, data: str, split: str = "val", device: str = "auto", seed: int = 0,
+                  limit: int | None = None) -> list[str]:
+    args = ["evaluate", "--model", model, "--data", str(data), "--split", split, "--device", device,
+            "--seed", str(seed), "--json"]
+    if limit is not None:
+        args += ["--limit", str(int(limit))]
+    return args
+
+
+# ------------------------------------------------------------------------------------ process
+def python_executable() -> str:
+    """The interpreter for engine subprocesses: `PythonSlicer` inside Slicer, else this Python."""
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        exe = shutil.which("PythonSlicer")
+        if exe:
+            return exe
+    return sys.executable
+
+
+def engine_root() -> Path | None:
+    """The folder that holds the `uniultra` package (installed next to the modules, or the source tree)."""
+    spec = importlib.util.find_spec("uniultra")
+    if spec is not None and spec.origin:
+        return Path(spec.origin).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "uniultra" / "__init__.py").is_file() else None
+
+
+def engine_env(extra: dict | None = None) -> dict:
+    """Environment for the subprocess: the engine importable, unbuffered output, no tqdm colour."""
+    env = dict(os.environ)
+    root = engine_root()
+    if root is not None:
+        parts = [str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(root)]
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("PYTHONIOENCODING", "utf-8")
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def command(args: Sequence[str], python: str | None = None) -> list[str]:
+    """The whole command line: `<python> -m uniultra.cli <args>`."""
+    return [python or python_executable(), "-m", "uniultra.cli", *args]
+
+
+def parse_progress(line: str) -> tuple[int, int] | None:
+    """(done, total) from a tqdm bar or a "step N/M" message, else None."""
+    m = _PROGRESS.search(line) or _STEP.search(line)
+    if not m:
+        return None
+    done, total = int(m.group(1)), int(m.group(2))
+    return (done, total) if total > 0 else None
+
+
+def is_progress_bar(line: str) -> bool:
+    return bool(_PROGRESS.search(line)) and "|" in line
+
+
+class EngineProcess:
+    """One `uniultra ...` subprocess with streamed output and a cancel that leaves files usable.
+
+    `poll()` (call it from a timer on the main thread) returns the new log lines since the last
+    call; progress bars update `progress` instead of flooding the log.  Everything the process
+    printed is in `lines`, and also in `log_path` when given.
+    """
+
+    def __init__(self, args: Sequence[str], python: str | None = None, env: dict | None = None,
+                 cwd: str | None = None, log_path: str | os.PathLike | None = None):
+        self.cmd = command(args, python)
+        self.env = engine_env(env)
+        self.cwd = cwd
+        self.log_path = Path(log_path) if log_path else None
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self.progress: tuple[int, int] | None = None
+        self.last_val: tuple[int, float] | None = None
+        self.cancel_requested = False
+        self._queue: queue.Queue = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._log = None
+        self.started_at: float | None = None
+
+    # -------------------------------------------------------------- life cycle
+    def start(self) -> EngineProcess:
+        if self.proc is not None:
+            raise RuntimeError("this process was already started")
+        kwargs: dict = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        else:
+            kwargs["start_new_session"] = True  # own process group: Cancel reaches workers too
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
+            self._log.write(f"$ {' '.join(self.cmd)}\n")
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd, **kwargs)
+        self.started_at = time.monotonic()
+        self._reader = threading.Thread(target=self._read, name="uniultra-engine-output", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            buf += chunk
+            parts = re.split(rb"\r\n|\r|\n", buf)
+            buf = parts.pop()
+            for p in parts:
+                self._queue.put(p.decode("utf-8", "replace"))
+        if buf:
+            self._queue.put(buf.decode("utf-8", "replace"))
+        self._queue.put(None)  # end of output
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def poll(self) -> list[str]:
+        """New log lines (progress bars excluded); updates `progress` and `last_val`."""
+        out = []
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._finish()
+                continue
+            line = line.rstrip()
+            if not line:
+                continue
+            p = parse_progress(line)
+            if p is not None:
+                self.progress = p
+            m = _STEP_VAL.search(line)
+            if m:
+                self.last_val = (int(m.group(1)), float(m.group(2)))
+            self.lines.append(line)
+            if self._log is not None:
+                self._log.write(line + "\n")
+            if not is_progress_bar(line):
+                out.append(line)
+        return out
+
+    def _finish(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def wait(self, timeout: float | None = None, on_lines: Callable[[list[str]], None] | None = None) -> int:
+        """Block until the process ends (tests, scripts), draining output; returns its exit status."""
+        assert self.proc is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            lines = self.poll()
+            if on_lines is not None and lines:
+                on_lines(lines)
+            rc = self.proc.poll()
+            if rc is not None and (self._reader is None or not self._reader.is_alive()) and self._queue.empty():
+                self.poll()
+                self._finish()
+                return rc
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"'{' '.join(self.cmd[:4])}' still running after {timeout} s")
+            time.sleep(0.05)
+
+    def cancel(self, grace_s: float = 30.0) -> None:
+        """Ask the process group to stop (SIGINT: the trainer saves its resume state after the
+        current step); terminate, then kill, whatever is left after `grace_s` seconds."""
+        if not self.running:
+            return
+        self.cancel_requested = True
+        assert self.proc is not None
+        self._signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)  # type: ignore[attr-defined]
+        if grace_s <= 0:
+            return
+        t = threading.Thread(target=self._escalate, args=(grace_s,), daemon=True)
+        t.start()
+
+    def _escalate(self, grace_s: float) -> None:
+        assert self.proc is not None
+        try:
+            self.proc.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        self.terminate()
+
+    def terminate(self, grace_s: float = 5.0) -> None:
+        """Terminate the whole process group now (SIGTERM, then SIGKILL)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
+
+    def _signal(self, sig) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if os.name == "nt":
+                if sig == signal.SIGTERM:
+                    self.proc.terminate()
+                else:
+                    self.proc.send_signal(sig)
+            else:
+                os.killpg(self.proc.pid, sig)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+class TrainingRun(EngineProcess):
+    """A `uniultra train` / `uniultra distill` run in folder `out`."""
+
+    def __init__(self, options: TrainOptions | DistillOptions, python: str | None = None, env: dict | None = None):
+        options.check()
+        self.options = options
+        self.out = Path(options.out)
+        args = distill_args(options) if isinstance(options, DistillOptions) else train_args(options)
+        super().__init__(args, python, env, log_path=self.out / "slicer-train.log")
+
+    @property
+    def can_resume(self) -> bool:
+        return can_resume(self.out)
+
+    def metrics(self) -> dict:
+        return read_metrics(self.out / "metrics.csv")
+
+    def summary(self) -> dict | None:
+        return read_summary(self.out)
+
+    @property
+    def status(self) -> str:
+        """"running", "finished", "cancelled", "failed" or "not started"."""
+        if self.proc is None:
+            return "not started"
+        rc = self.proc.poll()
+        if rc is None:
+            return "running"
+        if self.cancel_requested:
+            return "cancelled"
+        if rc == 0:
+            s = self.summary()
+            return "cancelled" if s is not None and s.get("status") == "cancelled" else "finished"
+        return "failed"
+
+    def error_message(self) -> str:
+        """The engine's one-line error (`uniultra: error: ...`), or the last output lines."""
+        for line in reversed(self.lines):
+            if line.startswith("uniultra: error:"):
+                return line[len("uniultra: error:"):].strip()
+        tail = [line for line in self.lines if not is_progress_bar(line)][-5:]
+        return "\n".join(tail) or f"the training process ended with status {self.returncode}"
+
+
+def can_resume(out: str | os.PathLike) -> bool:
+    """A run folder with a resume state (`last.pt`)."""
+    return (Path(out) / "last.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------ files
+def _float(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    """The trainer's metrics.csv as chart series.
+
+    Returns {"columns": [...], "rows": [dict], "loss": [(step, train_loss)], "val_dice": [(step, val)],
+    "lr": [(step, lr)]}; empty series when the file is not there yet (or is being replaced).
+    """
+    path = Path(path)
+    out: dict = {"columns": [], "rows": [], "loss": [], "val_dice": [], "lr": []}
+    if not path.is_file():
+        return out
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            out["columns"] = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, csv.Error):
+        return out
+    for r in rows:
+        step = _float(r.get("step"))
+        if step is None:
+            continue
+        row = {k: (_float(v) if k != "step" else int(step)) for k, v in r.items()}
+        out["rows"].append(row)
+        for key, series in (("train_loss", "loss"), ("val_dice", "val_dice"), ("lr", "lr")):
+            if row.get(key) is not None:
+                out[series].append((int(step), row[key]))
+    return out
+
+
+def read_summary(out: str | os.PathLike) -> dict | None:
+    p = Path(out) / "summary.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def chart_png(metrics: dict, path: str | os.PathLike, title: str = "") -> Path | None:
+    """Loss and validation Dice against the step as a PNG (matplotlib, Agg), written atomically.
+
+    Returns None when there is nothing to draw yet or matplotlib is missing (the plot chart node
+    in the module shows the same series)."""
+    if not metrics.get("loss") and not metrics.get("val_dice"):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    from .curate import atomic_write
+
+    fig = Figure(figsize=(5, 3), dpi=100)
+    ax = fig.add_subplot(111)
+    if metrics.get("loss"):
+        ax.plot(*zip(*metrics["loss"]), color="tab:blue", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if metrics.get("val_dice"):
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*metrics["val_dice"]), "o-", color="tab:red", ms=3)
+        ax2.set_ylabel("val Dice", color="tab:red")
+        ax2.set_ylim(0, 1)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+# ------------------------------------------------------------------------------------ results
+def parse_json_output(text: str) -> dict:
+    """The JSON object a `--json` command printed (log lines around it are ignored)."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text[start:])
+            if isinstance(obj, dict):
+                return obj
+        except ValueError:
+            pass
+        start = text.find("{", start + 1)
+    raise ValueError("the engine printed no JSON result")
+
+
+def evaluate(model: str, data: str | os.PathLike, split: str = "val", device: str = "auto",
+             python: str | None = None, timeout: float | None = None, env: dict | None = None) -> dict:
+    """`uniultra evaluate --json` on one split, run to the end (use EngineProcess for async).
+
+    Returns {"dice", "ellipse_dice", "boxfill_dice", "n_images", "seconds_per_image", "datasets": {...}}
+    averaged over datasets."""
+    p = EngineProcess(evaluate_args(model, str(data), split, device), python, env).start()
+    rc = p.wait(timeout)
+    if rc != 0:
+        msg = next((line for line in reversed(p.lines) if line.startswith("uniultra: error:")), p.output()[-500:])
+        raise RuntimeError(f"evaluating '{model}' on '{data}' failed: {msg}")
+    return summarize_evaluation(parse_json_output(p.output()))
+
+
+def summarize_evaluation(res: dict) -> dict:
+    ds = res.get("datasets", {})
+
+    def mean(key):
+        v = [d[key] for d in ds.values() if d.get(key) is not None]
+        return sum(v) / len(v) if v else None
+
+    n = sum(int(d.get("n_images", 0)) for d in ds.values())
+    secs = sum(float(d.get("seconds", 0.0)) for d in ds.values())
+    return {"dice": mean("dice"), "ellipse_dice": mean("ellipse_dice"), "boxfill_dice": mean("boxfill_dice"),
+            "n_images": n, "seconds_per_image": secs / n if n else None, "datasets": ds}
+
+
+def comparison_rows(before: dict | None, after: dict | None, labels=("before", "after")) -> list[dict]:
+    """Rows for the result table: model Dice before/after next to the box baselines."""
+    rows = []
+    for name, r in ((labels[0], before), (labels[1], after)):
+        if r:
+            rows.append({"model": name, "dice": r.get("dice"), "seconds_per_image": r.get("seconds_per_image")})
+    ref = after or before
+    if ref:
+        rows.append({"model": "ellipse in box (baseline)", "dice": ref.get("ellipse_dice"), "seconds_per_image": None})
+        rows.append({"model": "filled box (baseline)", "dice": ref.get("boxfill_dice"), "seconds_per_image": None})
+    return rows
+
+
+def dataset_summary(data: Sequence[str | os.PathLike]) -> dict:
+    """{dataset name: {"count": {...}, "labels": {...}}} from each dataset's meta.json / split.csv."""
+    out = {}
+    for d in data:
+        d = Path(d)
+        meta = {}
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        count = meta.get("count")
+        if not count and (d / "split.csv").is_file():
+            count = {}
+            with open(d / "split.csv", newline="") as f:
+                for r in csv.DictReader(f):
+                    count[r.get("split", "")] = count.get(r.get("split", ""), 0) + 1
+        out[d.name] = {"count": count or {}, "labels": meta.get("labels", {}), "path": str(d.resolve())}
+    return out
+
+
+def register_model(name: str, run_out: str | os.PathLike, options: TrainOptions | DistillOptions | None = None,
+                   before: dict | None = None, after: dict | None = None, description: str = ""):
+    """Register the run's model in the engine's user registry, with provenance; returns the entry.
+
+    Reads the architecture, image size and method from the run's summary/config; the weights
+    stay where the run wrote them (the registry entry points at them).
+    """
+    from uniultra.models.registry import register_user_model
+
+    out = Path(run_out)
+    summary = read_summary(out) or {}
+    model_path = Path(summary.get("model_full") or summary.get("model") or out / "model.pt")
+    if not model_path.is_file():
+        raise ValueError(f"no trained model in '{out}': finish (or resume) the training first")
+    config = {}
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    params = summary.get("params") or {}
+    arch = params.get("arch") or config.get("student") or config.get("model") or ""
+    image_size = int(params.get("image_size") or config.get("image_size") or 0)
+    method = params.get("peft") or config.get("peft")
+    if isinstance(method, dict):
+        method = method.get("method")
+    data = list(getattr(options, "data", None) or config.get("data") or [])
+    base = getattr(options, "base", None) or getattr(options, "teacher", None) or config.get("model")
+    extra = {
+        "base": base,
+        "method": method,
+        "student": getattr(options, "student", None),
+        "data": dataset_summary(data),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "run": str(out.resolve()),
+        "val_dice_before": (before or {}).get("dice"),
+        "val_dice_after": (after or {}).get("dice") if after else summary.get("best_val_dice"),
+        "baselines": {"ellipse": (after or before or {}).get("ellipse_dice"),
+                      "boxfill": (after or before or {}).get("boxfill_dice")},
+        "steps": summary.get("step"),
+        "trained_with": "3D Slicer UniUltraTrain",
+    }
+    desc = description or f"{method or 'trained'} from {base} on {', '.join(Path(d).name for d in data)}"
+    return register_user_model(name, model_path, arch, image_size, method, description=desc, extra=extra)
