@@ -24,6 +24,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 MODULE_DIR = Path(__file__).resolve().parent
 SETTINGS_MODEL = "UniUltra/Model"  # the model UniUltraSegment uses (shared setting)
@@ -75,7 +76,11 @@ def _fillTable(table, rows, columns=None):
     table.resizeColumnsToContents()
 
 
-class UniUltraTrainWidget(ScriptedLoadableModuleWidget):
+class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = UniUltraTrainLogic()
@@ -97,6 +102,7 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget):
         self.timer.connect("timeout()", self.onPoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
         self.refreshSegmentations()
 
     def cleanup(self):
@@ -172,6 +178,9 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget):
     def onSourceToggled(self, scene):
         self.segmentationList.enabled = self.segmentList.enabled = scene
         self.inputFolder.enabled = not scene
+
+    def onSceneClosed(self, caller=None, event=None):
+        self.chart = None  # its nodes went with the scene; a new chart is made for the next run
 
     def onSceneChanged(self, caller=None, event=None):
         qt.QTimer.singleShot(0, self.refreshSegmentations)  # after the node is fully added/removed

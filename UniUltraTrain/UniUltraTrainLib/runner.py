@@ -580,6 +580,22 @@ def comparison_rows(before: dict | None, after: dict | None, labels=("before", "
     return rows
 
 
+def compare_models(models: dict[str, str], data: str | os.PathLike, split: str = "val", device: str = "auto",
+                   python: str | None = None, timeout: float | None = None, env: dict | None = None) -> list[dict]:
+    """Distillation's speed/Dice comparison: each model ({label: name or path}) evaluated on the same
+    split, side by side in one go; `speedup` is relative to the first model (seconds per image)."""
+    rows = []
+    for label, model in models.items():
+        r = evaluate(model, data, split, device, python, timeout, env)
+        rows.append({"model": label, "name": model, "dice": r["dice"], "seconds_per_image": r["seconds_per_image"],
+                     "ellipse_dice": r["ellipse_dice"]})
+    ref = rows[0]["seconds_per_image"] if rows else None
+    for row in rows:
+        spi = row["seconds_per_image"]
+        row["speedup"] = (ref / spi) if ref and spi else None
+    return rows
+
+
 def dataset_summary(data: Sequence[str | os.PathLike]) -> dict:
     """{dataset name: {"count": {...}, "labels": {...}}} from each dataset's meta.json / split.csv."""
     out = {}
