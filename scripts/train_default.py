@@ -158,7 +158,7 @@ def calibrate(args, data, work: Path, bs: int, workers: int, minutes: float, t_b
     t_end = time.perf_counter()
     shutil.rmtree(work / "calibration", ignore_errors=True)
     per_step = float(sorted(b - a for a, b in zip(stamps[15:-1], stamps[16:]))[len(stamps[16:]) // 2])
-    val_s = t_end - stamps[-2] - per_step
+    val_s = max(0.0, stamps[-1] - stamps[-2] - per_step)
     left = minutes * 60 - (t_end - t_begin) - 11 * val_s - 30  # 30 s: start-up and final saves
     steps = max(50, int(left / per_step))
     print(f"calibration: {per_step * 1000:.0f} ms/step ({bs / per_step:.0f} img/s), validation {val_s:.1f} s "

@@ -660,7 +660,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                     t = torch.tensor([float(want_stop)], device=device if device.type == "cuda" else "cpu")
                     dist.all_reduce(t)
                     want_stop = bool(t.item() > 0)
-                if state["step_in_epoch"] >= steps_per_epoch:
+                epoch_done = state["step_in_epoch"] >= steps_per_epoch
+                if epoch_done:
                     state["epoch"] += 1
                     state["step_in_epoch"] = 0
                 state["elapsed"] = time.perf_counter() - t_start
@@ -673,6 +674,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                 if early:
                     status = "early-stopped"
                     state["stopped"] = f"no val improvement in {cfg.patience} validations"
+                    break
+                if epoch_done:
                     break
             del it
             if status != "finished":
