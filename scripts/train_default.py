@@ -9,7 +9,7 @@ checkpoint.
 
 Recipe: box prompts jittered by up to 15% of the box size per edge (evaluation uses 10%), strong
 geometric + intensity augmentation, Dice + 20 x focal + IoU-head MSE with the logits upsampled to
-S, AdamW lr 2e-3 (weight decay 0.05), linear warm-up then cosine decay, gradient clipping 1.0,
+S, AdamW lr 2.5e-3 (weight decay 0.05), batch 128 on CUDA, linear warm-up then cosine decay, gradient clipping 1.0,
 bf16 autocast and DataLoader workers on CUDA.
 
 Full scale (one H100, ~8 min)::
@@ -48,16 +48,16 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default 60 on CPU; on CUDA see --minutes)")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget: a 40-step calibration sets --steps to fit (default 7 on CUDA "
+                    help="wall-clock budget: a 40-step calibration sets --steps to fit (default 6.5 on CUDA "
                          "when neither --steps nor --epochs is given)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 8 on CPU")
+    ap.add_argument("--lr", type=float, default=2.5e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3%% of the steps)")
     ap.add_argument("--jitter", type=float, default=0.15)
     ap.add_argument("--loss-weights", default="dice=1,focal=20,iou=1")
-    ap.add_argument("--val-every", type=int, default=None, help="default: 10 validations per run")
-    ap.add_argument("--num-workers", type=int, default=None, help="default: CPU cores - 2 on CUDA, 0 on CPU")
+    ap.add_argument("--val-every", type=int, default=None, help="default: 6 validations per run")
+    ap.add_argument("--num-workers", type=int, default=None, help="default: min(8, CPU cores - 2) on CUDA, 0 on CPU")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
             return 2
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.stem + ".run")
-    bs = args.batch_size or (64 if cuda else 8)
-    workers = args.num_workers if args.num_workers is not None else (max(2, (os.cpu_count() or 4) - 2) if cuda else 0)
+    bs = args.batch_size or (128 if cuda else 8)
+    workers = args.num_workers if args.num_workers is not None else (min(8, max(2, (os.cpu_count() or 4) - 2)) if cuda else 0)
     n_train = 0
     from uniultra.data.datasets import UniformDataset
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     steps_per_epoch = max(1, n_train // bs)
     minutes = args.minutes
     if minutes is None and cuda and args.steps is None and args.epochs is None:
-        minutes = 7.0
+        minutes = 6.5
     t_begin = time.perf_counter()
     if args.steps:
         steps = args.steps
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     else:
         steps = (args.epochs or 60) * steps_per_epoch
     warmup = args.warmup if args.warmup is not None else max(1, int(0.03 * steps))
-    val_every = args.val_every or max(1, steps // 10)
+    val_every = args.val_every or max(1, steps // 6)
     cfg = TrainConfig(
         data=data, out=str(work), model="uniultra-mini", peft="ch-adapter", image_size=args.image_size,
         steps=steps, batch_size=bs, lr=args.lr, weight_decay=args.weight_decay, optimizer="adamw",
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
 def calibrate(args, data, work: Path, bs: int, workers: int, minutes: float, t_begin: float) -> int:
     """Time 40 steps (and one validation) of the real configuration; return the number of steps
-    that fits the remaining budget with 10 validations."""
+    that fits the remaining budget with 6 validations."""
     from uniultra.training.trainer import TrainConfig, train
 
     stamps = []
@@ -159,7 +159,7 @@ def calibrate(args, data, work: Path, bs: int, workers: int, minutes: float, t_b
     shutil.rmtree(work / "calibration", ignore_errors=True)
     per_step = float(sorted(b - a for a, b in zip(stamps[15:-1], stamps[16:]))[len(stamps[16:]) // 2])
     val_s = max(0.0, stamps[-1] - stamps[-2] - per_step)
-    left = minutes * 60 - (t_end - t_begin) - 11 * val_s - 30  # 30 s: start-up and final saves
+    left = minutes * 60 - (t_end - t_begin) - 7 * val_s - 30  # 30 s: start-up and final saves
     steps = max(50, int(left / per_step))
     print(f"calibration: {per_step * 1000:.0f} ms/step ({bs / per_step:.0f} img/s), validation {val_s:.1f} s "
           f"-> {steps} steps for {minutes:g} min", flush=True)

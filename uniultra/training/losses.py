@@ -103,10 +103,11 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weights: LossWeights,
-                      pred_iou: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                      pred_iou: torch.Tensor | None = None, sync: bool = True) -> tuple[torch.Tensor, dict]:
     """Weighted loss of ``logits [B, M, h, w]`` against ``target [B, 1, H, W]`` (see module doc).
 
-    Returns ``(loss, parts)`` where ``parts`` holds the unweighted terms as floats."""
+    Returns ``(loss, parts)`` where ``parts`` holds the unweighted terms as floats (as detached
+    tensors with ``sync=False``, which avoids a GPU synchronisation per term)."""
     up = upsample_to(logits, tuple(target.shape[-2:]))
     b, m = up.shape[:2]
     if m > 1:  # pick, per row, the mask with the highest actual IoU
@@ -132,7 +133,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weights: LossW
         full_t = target.repeat_interleave(m, 0)
         terms["iou"] = iou_mse_loss(pred_iou.reshape(-1), up.reshape(b * m, 1, *up.shape[-2:]), full_t)
         total = total + weights.iou * terms["iou"]
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, {k: (float(v.detach()) if sync else v.detach()) for k, v in terms.items()}
 
 
 def _rows(emb: dict, rows: torch.Tensor) -> dict:
@@ -144,25 +145,36 @@ def _rows(emb: dict, rows: torch.Tensor) -> dict:
 def decode_prompts(model, emb: dict, image_index: torch.Tensor, boxes: torch.Tensor | None = None,
                    has_box: torch.Tensor | None = None, point_coords: torch.Tensor | None = None,
                    point_labels: torch.Tensor | None = None, mask_input: torch.Tensor | None = None,
-                   multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   multimask: bool = False, has_points: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode prompt rows (row k belongs to image ``image_index[k]`` of ``emb``).
 
     Rows with a box (``has_box``; all rows when ``has_box`` is None) and rows with points only are
     decoded in separate calls (the prompt encoder needs one layout per call); point labels -1 are
-    padding.  Returns ``(logits [R, M, S/4, S/4], iou [R, M])`` in row order."""
+    padding.  ``has_box`` may live on the CPU (then grouping needs no GPU synchronisation), and
+    ``has_points`` (whether any label is >= 0) may be given for the same reason.
+    Returns ``(logits [R, M, S/4, S/4], iou [R, M])`` in row order."""
     n = int(image_index.shape[0])
+    dev = image_index.device
     if has_box is None:
-        has_box = torch.ones(n, dtype=torch.bool, device=image_index.device) if boxes is not None else \
-            torch.zeros(n, dtype=torch.bool, device=image_index.device)
+        has_box = torch.full((n,), boxes is not None, dtype=torch.bool)
     groups = []
-    for flag in (True, False):
-        rows = torch.nonzero(has_box == flag).flatten()
-        if rows.numel():
-            groups.append((flag, rows))
+    if bool(has_box.all()) if has_box.device.type == "cpu" else False:
+        groups.append((True, None))
+    else:
+        for flag in (True, False):
+            rows = torch.nonzero(has_box == flag).flatten()
+            if rows.numel():
+                groups.append((flag, rows.to(dev)))
+    if has_points is None:
+        has_points = point_coords is not None and point_labels is not None and bool((point_labels >= 0).any())
     logits_all = iou_all = None
     for flag, rows in groups:
+        if rows is None:  # every row has a box: no regrouping
+            pc, pl = (point_coords, point_labels) if has_points else (None, None)
+            lg, io = model.decode(_rows(emb, image_index), boxes, pc, pl, mask_input=mask_input, multimask=multimask)
+            return lg, io
         pc = pl = None
-        if point_coords is not None and point_labels is not None and bool((point_labels[rows] >= 0).any()):
+        if has_points and bool((point_labels[rows] >= 0).any()):
             pc, pl = point_coords[rows], point_labels[rows]
         if not flag and pc is None:
             raise ValueError("a prompt row has neither a box nor points")
@@ -181,7 +193,7 @@ def promptable_loss(model, images: torch.Tensor, target: torch.Tensor, weights: 
                     boxes: torch.Tensor | None = None, point_coords: torch.Tensor | None = None,
                     point_labels: torch.Tensor | None = None, two_pass: bool = False,
                     has_box: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, dict]:
+                    has_points: bool | None = None, sync: bool = True) -> tuple[torch.Tensor, dict]:
     """Encode ``images``, decode one prompt set per row and return the loss (see module doc).
 
     ``target`` ``[R, 1, H, W]``; row k prompts image ``image_index[k]`` (default: row k = image k).
@@ -189,13 +201,14 @@ def promptable_loss(model, images: torch.Tensor, target: torch.Tensor, weights: 
     emb = model.encode(images)
     if image_index is None:
         image_index = torch.arange(images.shape[0], device=images.device)
-    logits, iou = decode_prompts(model, emb, image_index, boxes, has_box, point_coords, point_labels)
-    loss, parts = segmentation_loss(logits, target, weights, iou)
+    logits, iou = decode_prompts(model, emb, image_index, boxes, has_box, point_coords, point_labels,
+                                 has_points=has_points)
+    loss, parts = segmentation_loss(logits, target, weights, iou, sync=sync)
     if two_pass:
         logits2, iou2 = decode_prompts(model, emb, image_index, boxes, has_box, point_coords, point_labels,
-                                       mask_input=logits.detach(), multimask=True)
-        loss2, parts2 = segmentation_loss(logits2, target, weights, iou2)
+                                       mask_input=logits.detach(), multimask=True, has_points=has_points)
+        loss2, parts2 = segmentation_loss(logits2, target, weights, iou2, sync=sync)
         loss = loss + loss2
         parts.update({f"{k}2": v for k, v in parts2.items()})
-    parts["loss"] = float(loss.detach())
+    parts["loss"] = float(loss.detach()) if sync else loss.detach()
     return loss, parts

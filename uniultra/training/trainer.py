@@ -256,19 +256,28 @@ class _LossModule(torch.nn.Module):
         self.weights = weights
         self.two_pass = two_pass
 
-    def forward(self, batch: dict):
-        valid = batch["valid"]  # [B, N]
-        b, n = valid.shape
-        flat = valid.reshape(-1)
-        rows = torch.nonzero(flat).flatten()
+    def forward(self, batch: dict, layout: dict):
+        """``layout`` is computed on the CPU copy of the batch (no GPU synchronisation)."""
+        b, n = layout["shape"]
+        rows = layout["rows"].to(batch["image"].device, non_blocking=True)
         image_index = torch.div(rows, n, rounding_mode="floor")
         masks = batch["masks"].reshape(b * n, 1, *batch["masks"].shape[-2:])[rows]
         boxes = batch["boxes"].reshape(b * n, 4)[rows]
-        has_box = batch["has_box"].reshape(-1)[rows]
         pc = batch["point_coords"].reshape(b * n, *batch["point_coords"].shape[2:])[rows]
         pl = batch["point_labels"].reshape(b * n, -1)[rows]
         return promptable_loss(self.model, batch["image"], masks, self.weights, boxes=boxes, point_coords=pc,
-                               point_labels=pl, two_pass=self.two_pass, has_box=has_box, image_index=image_index)
+                               point_labels=pl, two_pass=self.two_pass, has_box=layout["has_box"],
+                               image_index=image_index, has_points=layout["has_points"], sync=False)
+
+
+def batch_layout(batch: dict) -> dict:
+    """Which prompt rows are real, which have boxes or points (from the CPU batch)."""
+    valid = batch["valid"]
+    b, n = valid.shape
+    rows = torch.nonzero(valid.reshape(-1)).flatten()
+    pl = batch["point_labels"].reshape(b * n, -1)[rows]
+    return {"shape": (b, n), "rows": rows, "has_box": batch["has_box"].reshape(-1)[rows].clone(),
+            "has_points": bool((pl >= 0).any())}
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -576,6 +585,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
     t_start = time.perf_counter() - state["elapsed"]
     t_win, n_win = time.perf_counter(), 0
     status = "finished"
+    run_loss_t = None
+    last_loss = float("nan")
     net.train()
     # Persistent workers are safe: every sample is seeded by the (index, salt) the sampler hands
     # out in this process, so workers hold no per-epoch state.
@@ -592,9 +603,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
             it = iter(loader)
             while state["step_in_epoch"] < steps_per_epoch and state["step"] < total_steps:
                 opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=device)
                 for micro in range(cfg.accumulate):
                     batch = next(it)
+                    layout = batch_layout(batch)
                     batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
                              for k, v in batch.items()}
                     sync = contextlib.nullcontext()
@@ -603,9 +615,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                     ac = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
                     with sync:
                         with ac:
-                            loss, parts = net(batch)
+                            loss, parts = net(batch, layout)
                         scaler.scale(loss / cfg.accumulate).backward()
-                    step_loss += parts["loss"] / cfg.accumulate
+                    step_loss += parts["loss"].float() / cfg.accumulate
                     n_win += batch["image"].shape[0] * world
                 if cfg.grad_clip > 0:
                     scaler.unscale_(opt)
@@ -615,11 +627,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                 sched.step()
                 state["step"] += 1
                 state["step_in_epoch"] += 1
-                state["run_loss"] += step_loss
+                run_loss_t = step_loss if run_loss_t is None else run_loss_t + step_loss
                 state["run_n"] += 1
                 step = state["step"]
                 lr_now = opt.param_groups[0]["lr"]
                 row = None
+                want_stop = stop["flag"] or bool(cancel is not None and cancel())
+                log_now = step % cfg.log_every == 0 or step % val_every == 0 or step == total_steps or want_stop \
+                    or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or prog_fn is not None
+                if log_now:  # the only GPU synchronisation of a step
+                    state["run_loss"] += float(run_loss_t)
+                    last_loss = float(step_loss)
+                    run_loss_t = None
                 if step % cfg.log_every == 0 or step % val_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     row = {"step": step, "epoch": epoch + state["step_in_epoch"] / steps_per_epoch,
@@ -653,9 +672,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                     if row is not None and row.get("train_loss") is not None:
                         bar.set_postfix(loss=f"{row['train_loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 if prog_fn is not None and rank == 0:
-                    prog_fn(step, total_steps, f"step {step}/{total_steps} loss {step_loss:.4f}")
+                    prog_fn(step, total_steps, f"step {step}/{total_steps} loss {last_loss:.4f}")
                 early = bool(cfg.patience and state["bad"] >= cfg.patience)
-                want_stop = stop["flag"] or bool(cancel is not None and cancel())
                 if world > 1:
                     t = torch.tensor([float(want_stop)], device=device if device.type == "cuda" else "cpu")
                     dist.all_reduce(t)
