@@ -66,5 +66,26 @@ def test_cache_dir_is_per_user(monkeypatch, tmp_path):
     monkeypatch.setenv("UNIULTRA_CACHE", str(tmp_path / "c"))
     assert models.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("UNIULTRA_CACHE")
-    assert "UniUltra" in str(models.default_cache_dir())
+    monkeypatch.delenv("UNIULTRA_HOME", raising=False)
+    assert "uniultra" in str(models.default_cache_dir())
     assert REPO not in models.default_cache_dir().parents
+    from uniultra.models.registry import user_models_dir
+
+    assert models.default_cache_dir() == user_models_dir()  # the engine and Slicer share one folder
+    monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path / "h"))
+    assert models.default_cache_dir() == user_models_dir() == tmp_path / "h" / "models"
+
+
+def test_real_registry_lists_bundled_and_trained_models(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path))
+    from uniultra.models.registry import register_user_model
+
+    weights = tmp_path / "models" / "mine.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"x")
+    register_user_model("mine", weights, "uniultra-student-e8", 64, "ch-adapter")
+    entries = {e.name: e for e in models.load_registry()}
+    assert entries["uniultra-mini-us"].source == "bundled"
+    assert models.model_state(entries["mine"]) == "trained here"
+    assert models.model_state(entries["sam2.1-hiera-tiny"]) == "not installed"
+    assert entries["sam2.1-hiera-tiny"].url.startswith("https://dl.fbaipublicfiles.com/")

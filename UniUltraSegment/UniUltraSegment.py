@@ -148,7 +148,7 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
     def refreshModels(self):
         from UniUltraSegmentLib import models
 
-        self.entries = models.load_registry()
+        self.entries = models.load_registry(cache_dir=self.logic.cacheDir())
         cache = self.logic.cacheDir()
         self.modelTable.setRowCount(len(self.entries))
         for row, entry in enumerate(self.entries):
@@ -177,6 +177,10 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         entry = self.selectedEntry()
         if entry is None:
             slicer.util.infoDisplay("Select a model in the table first.")
+            return
+        if not entry.url:
+            slicer.util.infoDisplay(f"'{entry.name}' is {models.model_state(entry, self.logic.cacheDir())}: "
+                                    "there is nothing to download.")
             return
         dest = models.model_path(entry, self.logic.cacheDir())
         if not slicer.util.confirmOkCancelDisplay(

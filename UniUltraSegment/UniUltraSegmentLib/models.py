@@ -34,20 +34,24 @@ class ModelEntry:
     sha256: str
     license: str
     file: str
+    source: str = "official"  # official (downloadable) | bundled (ships with the extension) | user (trained here)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelEntry:
-        missing = [k for k in ("name", "url", "file") if not d.get(k)]
+        source = str(d.get("source") or "official")
+        required = ("name", "url", "file") if source == "official" else ("name", "file")
+        missing = [k for k in required if not d.get(k)]
         if missing:
             raise ValueError(f"registry entry {d.get('name', d)!r} lacks {', '.join(missing)}")
         return cls(
             name=str(d["name"]),
             arch=str(d.get("arch", "")),
             image_size=int(d.get("image_size", 1024) or 1024),
-            url=str(d["url"]),
+            url=str(d.get("url") or ""),
             sha256=str(d.get("sha256", "") or "").lower(),
             license=str(d.get("license", "")),
             file=str(d["file"]),
+            source=source,
         )
 
 
@@ -61,29 +65,45 @@ def default_registry_path() -> Path:
     return here.parents[2] / "Resources" / "models" / "registry.json"
 
 
-def load_registry(path: str | os.PathLike | None = None) -> list[ModelEntry]:
-    """Registry entries; accepts a list or {"models": [...]}."""
+def load_registry(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> list[ModelEntry]:
+    """Registry entries (a list or {"models": [...]}) followed by the models trained here, which
+    the engine records as JSON files in the user model folder."""
     path = Path(path) if path else default_registry_path()
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict):
-        data = data.get("models", [])
-    return [ModelEntry.from_dict(d) for d in data]
+    entries: list[ModelEntry] = []
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = data.get("models", [])
+        entries = [ModelEntry.from_dict(d) for d in data]
+    user_dir = Path(cache_dir or default_cache_dir())
+    known = {e.name for e in entries}
+    for meta in sorted(user_dir.glob("*.json")) if user_dir.is_dir() else []:
+        try:
+            d = json.loads(meta.read_text(encoding="utf-8"))
+            entry = ModelEntry.from_dict({**d, "source": d.get("source") or "user"})
+        except (OSError, ValueError, TypeError):
+            continue  # one broken file must not hide the other models
+        if entry.name not in known:
+            entries.append(entry)
+    return entries
 
 
 def default_cache_dir() -> Path:
-    """Per-user cache: $UNIULTRA_CACHE, else the platform's user cache folder / UniUltra/models."""
+    """Per-user model folder, the same one the engine uses (uniultra.models.registry.user_models_dir):
+    $UNIULTRA_CACHE, else $UNIULTRA_HOME/models, else the platform's user cache / uniultra / models."""
     env = os.environ.get("UNIULTRA_CACHE")
     if env:
         return Path(env)
+    home = os.environ.get("UNIULTRA_HOME")
+    if home:
+        return Path(home) / "models"
     if sys.platform.startswith("win"):
         base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "UniUltra" / "models"
+    return base / "uniultra" / "models"
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -95,17 +115,20 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def model_path(entry: ModelEntry, cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / entry.file
+    if entry.source == "bundled":
+        return default_registry_path().parent.parent / entry.file
+    return Path(cache_dir or default_cache_dir()) / entry.file  # an absolute `file` stays as it is
 
 
 def model_state(entry: ModelEntry, cache_dir: str | os.PathLike | None = None, verify: bool = False) -> str:
-    """"installed", "not installed" or "corrupt" (checksum differs; only when verify=True)."""
+    """bundled / trained here / installed, "not installed", "missing", or "corrupt" (checksum
+    differs; only when verify=True)."""
     p = model_path(entry, cache_dir)
     if not p.exists():
-        return "not installed"
+        return "not installed" if entry.source == "official" else "missing"
     if verify and entry.sha256 and sha256_of(p) != entry.sha256:
         return "corrupt"
-    return "installed"
+    return {"bundled": "bundled", "user": "trained here"}.get(entry.source, "installed")
 
 
 def download(

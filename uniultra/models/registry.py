@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,20 @@ def resources_dir() -> Path:
 
 
 def user_models_dir() -> Path:
-    home = Path(os.environ.get("UNIULTRA_HOME", Path.home() / ".cache" / "uniultra"))
-    return home / "models"
+    """Downloaded and trained models: $UNIULTRA_CACHE, else $UNIULTRA_HOME/models, else the
+    platform's user cache / uniultra / models.  The Slicer module computes the same folder
+    (UniUltraSegmentLib.models.default_cache_dir) without importing the engine."""
+    if os.environ.get("UNIULTRA_CACHE"):
+        return Path(os.environ["UNIULTRA_CACHE"])
+    if os.environ.get("UNIULTRA_HOME"):
+        return Path(os.environ["UNIULTRA_HOME"]) / "models"
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "uniultra" / "models"
 
 
 @dataclass
