@@ -48,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default 60 on CPU; on CUDA see --minutes)")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget: a 40-step calibration sets --steps to fit (default 6.5 on CUDA "
+                    help="wall-clock budget: an 80-step calibration sets --steps to fit (and a time limit stops the run, keeping the best, if it is slower) (default 6.5 on CUDA "
                          "when neither --steps nor --epochs is given)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 8 on CPU")
     ap.add_argument("--lr", type=float, default=2.5e-3)
@@ -120,9 +120,11 @@ def main(argv=None) -> int:
     print(f"training {NAME}: {n_train} train images, {steps} steps of batch {bs} "
           f"({steps * bs / max(1, n_train):.1f} epochs) at {args.image_size}px on {device}, {workers} workers",
           flush=True)
+    if minutes:  # hard guard: whatever the calibration said, stop (keeping the best) in time
+        cfg.time_limit_s = max(30.0, minutes * 60 - (time.perf_counter() - t_begin) - 40)
     res = train(cfg, progress=None)
     wall = time.perf_counter() - t_begin
-    if res["status"] != "finished":
+    if res["status"] not in ("finished", "early-stopped"):
         print(f"training {res['status']} at step {res['step']}; rerun with --resume", file=sys.stderr)
         return 1
     ck = torch.load(res["model_full"], map_location="cpu", weights_only=True)
@@ -144,20 +146,21 @@ def main(argv=None) -> int:
 
 
 def calibrate(args, data, work: Path, bs: int, workers: int, minutes: float, t_begin: float) -> int:
-    """Time 40 steps (and one validation) of the real configuration; return the number of steps
+    """Time 80 steps (and one validation) of the real configuration; return the number of steps
     that fits the remaining budget with 6 validations."""
     from uniultra.training.trainer import TrainConfig, train
 
     stamps = []
     cfg = TrainConfig(
         data=data, out=str(work / "calibration"), model="uniultra-mini", peft="ch-adapter",
-        image_size=args.image_size, steps=40, batch_size=bs, lr=args.lr, optimizer="adamw", schedule="constant",
+        image_size=args.image_size, steps=80, batch_size=bs, lr=args.lr, optimizer="adamw", schedule="constant",
         loss_weights=args.loss_weights, jitter=args.jitter, val_every=10**9, val_batch=64, device=args.device,
         seed=args.seed, num_workers=workers, adapter_only=False, overwrite=True, progress_bar=False)
     train(cfg, progress=lambda done, total, msg: stamps.append(time.perf_counter()), log=lambda m: None)
     t_end = time.perf_counter()
     shutil.rmtree(work / "calibration", ignore_errors=True)
-    per_step = float(sorted(b - a for a, b in zip(stamps[15:-1], stamps[16:]))[len(stamps[16:]) // 2])
+    # steady state only: the first steps are served from the workers' prefetch buffer
+    per_step = (stamps[-2] - stamps[40]) / (len(stamps) - 2 - 40)
     val_s = max(0.0, stamps[-1] - stamps[-2] - per_step)
     left = minutes * 60 - (t_end - t_begin) - 7 * val_s - 30  # 30 s: start-up and final saves
     steps = max(50, int(left / per_step))

@@ -59,8 +59,8 @@ class AugmentedSource:
 
     def __init__(self, source, seed: int = 0, flip_p: float = 0.5, rot_deg: float = 10.0, scale: float = 0.15,
                  shift: float = 0.05, gain: float = 0.2, contrast: float = 0.25, gamma: float = 0.3,
-                 speckle: float = 0.1):
-        self.source, self.seed, self.salt = source, int(seed), 0
+                 speckle: float = 0.1, size: int | None = None):
+        self.source, self.seed, self.salt, self.size = source, int(seed), 0, size
         self.flip_p, self.rot_deg, self.scale, self.shift = flip_p, rot_deg, scale, shift
         self.gain, self.contrast, self.gamma, self.speckle = gain, contrast, gamma, speckle
 
@@ -78,6 +78,12 @@ class AugmentedSource:
         if img.dtype != np.uint8:
             img = to_uint8_rgb(img)
         lab = np.asarray(lab)
+        if self.size and lab.max(initial=0) < 256 and img.shape[:2] != (self.size, self.size):
+            # resize to the model's S x S first (SAM2's convention, no aspect preservation): every
+            # later step then runs on S x S, and the dataset's own resize becomes a no-op
+            s2 = (self.size, self.size)
+            img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(s2, Image.Resampling.BILINEAR))
+            lab = np.asarray(Image.fromarray(lab.astype(np.uint8)).resize(s2, Image.Resampling.NEAREST)).astype(lab.dtype)
         lab_dtype = lab.dtype
         lab8 = lab.astype(np.uint8) if lab.max(initial=0) < 256 else None
         if rng.random() < self.flip_p:

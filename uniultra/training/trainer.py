@@ -101,6 +101,7 @@ class TrainConfig:
     val_split: str = "val"
     val_batch: int = 16
     patience: int = 0                     # validations without improvement; 0 = never stop early
+    time_limit_s: float | None = None     # stop (validate, keep the best) after this much training time
     checkpoint_every: int = 0             # extra resume checkpoints every N steps (0: at validations)
     resume: bool = False
     overwrite: bool = False
@@ -443,9 +444,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
             raise InputError(f"--data {r}: no images in the train split (split.csv); check the dataset")
         splits.append(ds)
     sources = [CachedSource(ds) if cfg.preload else ds for ds in splits]
-    if cfg.augment:
-        sources = [AugmentedSource(src, cfg.seed, **cfg.aug_options) for src in sources]
     S = int(cfg.image_size)
+    if cfg.augment:
+        sources = [AugmentedSource(src, cfg.seed, size=S, **cfg.aug_options) for src in sources]
     pds = [PromptSegDataset(src, S, mask_div=1, max_instances=cfg.max_instances, prompt=cfg.prompt,
                             jitter=cfg.jitter, shift_px=cfg.shift_px, n_pos=cfg.n_pos, n_neg=cfg.n_neg,
                             augment=False, min_area_frac=cfg.min_area_frac, seed=cfg.seed)
@@ -674,6 +675,22 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                 if prog_fn is not None and rank == 0:
                     prog_fn(step, total_steps, f"step {step}/{total_steps} loss {last_loss:.4f}")
                 early = bool(cfg.patience and state["bad"] >= cfg.patience)
+                over_time = bool(cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s)
+                if world > 1 and cfg.time_limit_s:
+                    t = torch.tensor([float(over_time)], device=device if device.type == "cuda" else "cpu")
+                    dist.all_reduce(t)
+                    over_time = bool(t.item() > 0)
+                if over_time and not early and vals and not validated:
+                    v = validate(model, vals, device, amp, cfg.val_batch, rank, world)
+                    if v["mean"] > state["best"]:
+                        state.update(best=v["mean"], best_step=step, bad=0, best_val=v)
+                        if rank == 0:
+                            save_model(out / "best.pt", val=v)
+                    validated = True
+                    _say(log, rank, f"time limit: step {step}: val Dice {v['mean']:.4f}")
+                if over_time and not early:
+                    early = True
+                    state["stopped"] = f"time limit {cfg.time_limit_s:.0f} s reached at step {step}"
                 if world > 1:
                     t = torch.tensor([float(want_stop)], device=device if device.type == "cuda" else "cpu")
                     dist.all_reduce(t)
@@ -691,7 +708,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
                     break
                 if early:
                     status = "early-stopped"
-                    state["stopped"] = f"no val improvement in {cfg.patience} validations"
+                    state["stopped"] = state["stopped"] or f"no val improvement in {cfg.patience} validations"
                     break
                 if epoch_done:
                     break
@@ -705,7 +722,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
 
-    result = {"status": status, "step": state["step"], "total_steps": total_steps, "epochs": n_epochs,
+    result = {"status": status, "stopped": state["stopped"], "step": state["step"], "total_steps": total_steps, "epochs": n_epochs,
               "steps_per_epoch": steps_per_epoch, "best_val_dice": state["best"] if vals else None,
               "best_step": state["best_step"], "best_val": state["best_val"], "out": str(out),
               "resumed": resumed, "world_size": world, "device": str(device),
