@@ -23,7 +23,7 @@
 * ``cache_dir``: the teacher's targets are computed once per training image (no augmentation)
   and stored as fp16 ``.pt`` files, so later epochs (and later runs) need no teacher forward --
   the student then trains fast on a CPU.  At S=256 this is ~2.7 MB per image for the FPN maps.
-* Files in ``out``: ``student.pt`` (full checkpoint, best by val Dice when a val split exists,
+* Files in ``out``: ``model.pt`` (the student, a full checkpoint, best by val Dice when a val split exists,
   else the last), ``last.pt`` (resume state), ``metrics.csv``, ``curves.png``, ``summary.json``.
 """
 
@@ -394,7 +394,7 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
                     row["val_dice"] = v["mean"]
                     if v["mean"] > state["best"]:
                         state.update(best=v["mean"], best_step=step, best_val=v)
-                        save_checkpoint(student, out / "student.pt", {**meta, "val_dice": v["mean"], "step": step},
+                        save_checkpoint(student, out / "model.pt", {**meta, "val_dice": v["mean"], "step": step},
                                         half=cfg.half)
                     say(f"step {step}: distill loss {row['train_loss']:.5f}, student val Dice {v['mean']:.4f}")
                 if row is not None:
@@ -435,13 +435,14 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
     result = {"status": status, "step": state["step"], "total_steps": total, "first_loss": state["first_loss"],
               "last_loss": state["history"][-1]["train_loss"] if state["history"] else None,
               "best_val_dice": state["best"] if vals else None, "best_step": state["best_step"],
-              "student_params": student.param_report(), "out": str(out)}
+              "params": student.param_report(), "out": str(out)}
     if status == "cancelled":
+        (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
         return result
-    student_path = out / "student.pt"
+    student_path = out / "model.pt"
     if not vals or not student_path.is_file():
         save_checkpoint(student, student_path, meta, half=cfg.half)
-    result["student"] = str(student_path)
+    result["student"] = result["model"] = str(student_path)
     if state["history"]:
         with contextlib.suppress(Exception):
             plot_curves(state["history"], out / "curves.png", title=f"DSKD {cfg.student} <- {cfg.teacher}")
@@ -456,7 +457,7 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
                                progress_bar=cfg.progress_bar), progress=progress, cancel=cancel, log=log)
         result["finetune"] = ft
         if ft.get("model"):
-            result["student"] = ft["model"]
+            result["student"] = result["model"] = ft["model"]
     if cfg.register:
         from uniultra.models.registry import register_user_model
 

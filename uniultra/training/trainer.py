@@ -474,8 +474,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
 
     # ---------------- model
     _seed_all(cfg.seed)
-    model = build_model(cfg.model, image_size=S, peft=cfg.peft, peft_options=cfg.peft_options, scope=cfg.scope,
-                        device="cpu", random_init=cfg.random_init)
+    try:
+        model = build_model(cfg.model, image_size=S, peft=cfg.peft, peft_options=cfg.peft_options,
+                            scope=cfg.scope, device="cpu", random_init=cfg.random_init)
+    except InputError:
+        raise
+    except ValueError as e:  # unknown method/option/size from the model builder
+        raise InputError(f"--model {cfg.model} --peft {cfg.peft}: {e}") from None
     if model.image_size != S:
         raise InputError(f"--image-size {S} does not match the model ({model.image_size})")
     from uniultra.models.peft import updated_parameter_names
@@ -731,6 +736,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
     if status == "cancelled":
         result["last"] = str(last_path)
         _say(log, rank, f"stopped at step {state['step']}: resume with --resume (state in {last_path})")
+        if rank == 0:
+            (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
         return result
 
     # ---------------- final model: the best by validation (or the last when there is no val split)
