@@ -202,7 +202,7 @@ def run_distill(args) -> int:
         val_every=args.val_every, val_limit=args.val_limit, finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr, device=args.device, seed=args.seed, num_workers=args.num_workers,
         resume=args.resume, overwrite=args.overwrite, register=args.register, half=args.half,
-        progress_bar=args.progress,
+        progress_bar=args.progress, threads=args.threads,
     )
     return _emit(distill(cfg, progress=True if args.progress else False))
 

@@ -80,6 +80,7 @@ class DistillConfig:
     half: bool = False
     log_every: int = 10
     progress_bar: bool = True
+    threads: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -218,10 +219,15 @@ def build_cache(teacher, tap, concat, keys: list[str], cache: Path, device, leve
 def build_student(teacher, arch: str, image_size: int, device="cpu"):
     """The student with the teacher's prompt encoder, mask decoder and no_mem_embed (frozen)."""
     from uniultra.models import build_model
+    from uniultra.models.architectures import canonical_arch
 
-    student = build_model(arch, image_size=image_size, device="cpu")
-    if not student.arch.is_student:
+    try:
+        is_student = canonical_arch(arch).is_student
+    except ValueError:
+        is_student = False
+    if not is_student:
         raise InputError(f"--student {arch}: not a student architecture; use uniultra-student-e8/16/24/32/48")
+    student = build_model(arch, image_size=image_size, device="cpu", random_init=True)
     st, tt = student.sam, teacher.sam
     st.sam_prompt_encoder.load_state_dict(tt.sam_prompt_encoder.state_dict())
     st.sam_mask_decoder.load_state_dict(tt.sam_mask_decoder.state_dict())
@@ -256,6 +262,10 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
     cfg = config
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # see trainer.py: denormals make CPU training far slower
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / "last.pt"

@@ -228,17 +228,20 @@ def expand_data_dirs(dirs) -> list[Path]:
 
 
 def _base_identity(cfg: TrainConfig, model) -> tuple[str | None, str | None]:
-    """(base name/path, SHA-256) when the base has weights that an adapter-only file can refer to."""
-    from uniultra.models import resolve_model
+    """(base name/path, SHA-256) when the base has weights that an adapter-only file can refer to
+    (the same resolution order as ``build_model``: a bare architecture or ``random_init`` has none)."""
+    from uniultra.models import load_registry, resolve_model
     from uniultra.models.architectures import canonical_arch
     from uniultra.models.checkpoint import sha256_file
 
+    if cfg.random_init or "base_peft" in (model.peft or {}):
+        return None, None
     try:
         canonical_arch(cfg.model)
-        return None, None  # random architecture: no base weights to refer to
+        is_arch = True
     except ValueError:
-        pass
-    if cfg.random_init or "base_peft" in (model.peft or {}):
+        is_arch = False
+    if is_arch and cfg.model not in load_registry():
         return None, None
     entry, path = resolve_model(cfg.model)
     if path is None or not Path(path).is_file():
@@ -424,6 +427,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device, local_rank)
+    if device.type == "cpu":
+        # Adam's second moments and the Sobel magnitudes reach denormal floats, which are up to
+        # ~10x slower on x86 CPUs; flushing them to zero changes nothing measurable.  The flag is
+        # per thread: intra-op threads that already exist keep the slow mode (measured: 20x
+        # slower steps), so a host process that ran torch ops in parallel before should call
+        # torch.set_flush_denormal(True) at start-up (or train with threads=1).
+        torch.set_flush_denormal(True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp = amp_dtype(cfg.amp, device)
@@ -727,7 +737,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
 
-    result = {"status": status, "stopped": state["stopped"], "step": state["step"], "total_steps": total_steps, "epochs": n_epochs,
+    import hashlib
+
+    digest = hashlib.sha256()
+    for n, p in trainable:  # of the last weights (identical on every rank under DDP)
+        digest.update(n.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    result = {"status": status, "stopped": state["stopped"], "weights_digest": digest.hexdigest(),
+              "step": state["step"], "total_steps": total_steps, "epochs": n_epochs,
               "steps_per_epoch": steps_per_epoch, "best_val_dice": state["best"] if vals else None,
               "best_step": state["best_step"], "best_val": state["best_val"], "out": str(out),
               "resumed": resumed, "world_size": world, "device": str(device),

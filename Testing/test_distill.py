@@ -1,0 +1,108 @@
+"""DSKD: the distillation loss decreases, the student decodes with the teacher's frozen prompt
+encoder / mask decoder / no_mem_embed, feature caching and the level terms work."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uniultra.errors import InputError
+from uniultra.models import build_model, save_checkpoint
+from uniultra.training.distill import DistillConfig, FeatureTap, build_student, distill
+
+
+def make_dataset(root: Path, n_train: int = 8, n_val: int = 2, size: int = 64, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    rows = []
+    for i in range(n_train + n_val):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        r = rng.uniform(0.12, 0.25) * size
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = rng.normal(60, 20, (size, size)) + 110 * m
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"d{i}.png")
+        Image.fromarray((m * 255).astype(np.uint8)).save(root / "masks" / f"d{i}.png")
+        rows.append((f"d{i}", "train" if i < n_train else "val"))
+    with open(root / "split.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "split"])
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("distill")
+    data = make_dataset(base / "syn")
+    torch.manual_seed(0)
+    teacher = build_model("uniultra-student-e16", image_size=64)  # a CH-Adapter model as the teacher
+    tpath = base / "teacher.pt"
+    save_checkpoint(teacher, tpath, {"name": "teacher"})
+    return data, tpath
+
+
+def test_student_reuses_teacher_decoder(setup):
+    _, tpath = setup
+    teacher = build_model(str(tpath))
+    student = build_student(teacher, "uniultra-student-e8", 64)
+    for part in ("sam_prompt_encoder", "sam_mask_decoder"):
+        ts, ss = getattr(teacher.sam, part).state_dict(), getattr(student.sam, part).state_dict()
+        assert all(torch.equal(ts[k], ss[k]) for k in ts)
+    assert torch.equal(teacher.sam.no_mem_embed, student.sam.no_mem_embed)
+    trainable = {n for n, p in student.sam.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("image_encoder.") for n in trainable)
+    tap = FeatureTap(student.sam.image_encoder.trunk, list(student.sam.image_encoder.trunk.stage_ends[:3]))
+    with torch.no_grad():
+        student.encode(torch.randn(1, 3, 64, 64))
+    terms = tap.terms()
+    assert {"block0", "adapter0", "sum0", "block2", "sum2"} <= set(terms)
+    assert terms["block0"].shape[-1] == 8 and terms["block2"].shape[-1] == 32
+    tap.remove()
+    with pytest.raises(InputError, match="not a student"):
+        build_student(teacher, "sam2.1-hiera-tiny", 64)
+
+
+def test_distillation_loss_decreases_with_cache(setup, tmp_path):
+    data, tpath = setup
+    cache = tmp_path / "cache"
+    cfg = DistillConfig(teacher=str(tpath), data=[str(data)], out=str(tmp_path / "s"), student="uniultra-student-e8",
+                        steps=16, batch_size=2, lr=2e-3, schedule="constant", val_every=16, log_every=4,
+                        cache_dir=str(cache), progress_bar=False, threads=1)
+    r = distill(cfg, progress=False)
+    assert r["status"] == "finished" and r["step"] == 16
+    rows = [float(x["train_loss"]) for x in csv.DictReader(open(tmp_path / "s" / "metrics.csv"))]
+    assert rows[-1] < 0.7 * rows[0], rows
+    files = list(cache.rglob("*.pt"))
+    assert len(files) == 8  # one per training image
+    t = torch.load(files[0], weights_only=True)
+    assert t["fpn0"].dtype == torch.float16 and t["fpn0"].shape == (256, 16, 16)
+    assert {"block1", "adapter1", "sum1"} <= set(t)
+    # the student checkpoint loads and carries the teacher's decoder (frozen during distillation)
+    student = build_model(r["model"])
+    teacher = build_model(str(tpath))
+    sd, td = student.sam.sam_mask_decoder.state_dict(), teacher.sam.sam_mask_decoder.state_dict()
+    assert all(torch.equal(sd[k], td[k]) for k in td)
+    assert student.arch.name == "uniultra-student-e8" and student.image_size == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = student(x, boxes=torch.tensor([[10.0, 10.0, 40.0, 40.0]]))
+    assert out.shape == (1, 1, 16, 16)
+
+
+def test_distill_without_cache_and_size_check(setup, tmp_path):
+    data, tpath = setup
+    cfg = DistillConfig(teacher=str(tpath), data=[str(data)], out=str(tmp_path / "s2"),
+                        student="uniultra-student-e8", steps=2, batch_size=2, level_terms=False, val_every=2,
+                        progress_bar=False, threads=1)
+    r = distill(cfg, progress=False)
+    assert r["status"] == "finished" and Path(r["model"]).is_file() and r["first_loss"] > 0
+    with pytest.raises(InputError, match="same size"):
+        distill(DistillConfig(teacher=str(tpath), data=[str(data)], out=str(tmp_path / "s3"), image_size=128,
+                              progress_bar=False, threads=1), progress=False)
