@@ -256,7 +256,8 @@ def cmd_propagate(args) -> int:
         if engine == "memory":
             masks = propagate_memory(predictor, frames, key_boxes, args.direction, progress=progress)
         else:
-            masks = propagate(predictor, frames, key_boxes, args.direction, margin=args.margin, progress=progress)
+            masks = propagate(predictor, frames, key_boxes, args.direction, margin=args.margin, anchor=args.anchor,
+                              progress=progress)
     finally:
         bar.close()
     import numpy as np
@@ -369,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
     p.add_argument("--engine", default="auto", choices=["auto", "box", "memory"],
                    help="box chaining (every model) or SAM2 memory attention (trained memory only)")
-    p.add_argument("--margin", type=float, default=0.1, help="box expansion between frames (fraction)")
+    p.add_argument("--margin", type=float, default=0.05, help="box expansion between frames (fraction)")
+    p.add_argument("--anchor", type=float, default=0.3,
+                   help="pull each frame's box size towards the key box's size (0 = none, 1 = fixed size)")
     p.add_argument("--out-dir", required=True)
     _model_args(p)
     p.set_defaults(func=cmd_propagate)

@@ -15,6 +15,7 @@ segmented), the union of all objects.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +37,32 @@ def expand_box(box: Box, hw: tuple[int, int], margin: float) -> Box:
     h, w = hw
     return (int(max(0, np.floor(x0 - dx))), int(max(0, np.floor(y0 - dy))),
             int(min(w - 1, np.ceil(x1 + dx))), int(min(h - 1, np.ceil(y1 + dy))))
+
+
+@dataclass
+class _Track:
+    mask: np.ndarray
+    area: float
+    key_size: tuple[float, float]
+
+
+def _size(box) -> tuple[float, float]:
+    return (box[2] - box[0] + 1.0, box[3] - box[1] + 1.0)
+
+
+def _next_box(t: _Track, hw: tuple[int, int], margin: float, anchor: float) -> Box:
+    """The previous mask's box, its size pulled towards the key box's size by ``anchor``
+    (0 = follow the mask freely, 1 = keep the key box's size), then expanded by ``margin``.
+    Anchoring damps the feedback loop in which a slightly too large (or small) mask gives a
+    larger (or smaller) box on the next frame, and so on."""
+    x0, y0, x1, y1 = mask_box(t.mask)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = _size((x0, y0, x1, y1))
+    w = (1 - anchor) * w + anchor * t.key_size[0]
+    h = (1 - anchor) * h + anchor * t.key_size[1]
+    box = (int(round(cx - (w - 1) / 2)), int(round(cy - (h - 1) / 2)),
+           int(round(cx + (w - 1) / 2)), int(round(cy + (h - 1) / 2)))
+    return expand_box(box, hw, margin)
 
 
 def _check_inputs(frames: Sequence[np.ndarray], key_boxes: dict[int, list], direction: str):
@@ -80,7 +107,8 @@ def propagate(
     frames: Sequence[np.ndarray],
     key_boxes: dict[int, list[Box]],
     direction: str = "both",
-    margin: float = 0.1,
+    margin: float = 0.05,
+    anchor: float = 0.3,
     min_area_ratio: float = 0.2,
     min_score: float = 0.0,
     progress: ProgressFn | None = None,
@@ -90,6 +118,8 @@ def propagate(
 
     An object is lost when its mask is empty, or shrinks below ``min_area_ratio`` of the
     previous frame's area, or the model's score falls below ``min_score``.
+    Defaults (margin 0.05, anchor 0.3) were chosen on the carotid train + val clips with the
+    bundled model (frame Dice 0.69 there, against 0.63-0.67 for the other settings tried).
     Raises ``Cancelled`` if ``cancel()`` turns true; nothing partial is returned then.
     """
     key_boxes, hw = _check_inputs(frames, key_boxes, direction)
@@ -110,28 +140,26 @@ def propagate(
     for key, runs in plan:
         predictor.set_image(check_image(frames[key], f"frame {key}"))
         pred = predictor.predict(boxes=key_boxes[key])
-        key_masks = list(pred.masks)
         out[key] = pred.mask
         tick()
         for run in runs:
-            objs = [(m, float(m.sum())) if m.any() else (None, 0.0) for m in key_masks]
+            # one tracked object per key box: its last mask, area and the size of its key box
+            objs = [_Track(m, float(m.sum()), _size(b)) for m, b in zip(pred.masks, key_boxes[key]) if m.any()]
             for idx in run:
-                alive = [(m, a) for m, a in objs if m is not None]
-                if not alive:  # every object lost: nothing more to follow in this run
+                if not objs:  # every object lost: nothing more to follow in this run
                     tick()
                     continue
                 predictor.set_image(check_image(frames[idx], f"frame {idx}"))
-                boxes = [expand_box(mask_box(m), hw, margin) for m, _ in alive]
+                boxes = [_next_box(t, hw, margin, anchor) for t in objs]
                 p = predictor.predict(boxes=boxes)
-                new_objs = []
-                for (_prev, a_prev), m_new, s in zip(alive, p.masks, p.scores):
+                kept = []
+                for t, m_new, s in zip(objs, p.masks, p.scores):
                     area = float(m_new.sum())
-                    lost = area == 0 or area < min_area_ratio * a_prev or s < min_score
-                    new_objs.append((None, 0.0) if lost else (m_new, area))
-                objs = new_objs
-                live = [m for m, _ in objs if m is not None]
-                if live:
-                    union = np.logical_or.reduce(live)
+                    if not (area == 0 or area < min_area_ratio * t.area or s < min_score):
+                        kept.append(_Track(m_new, area, t.key_size))
+                objs = kept
+                if objs:
+                    union = np.logical_or.reduce([t.mask for t in objs])
                     out[idx] = union if out[idx] is None else (out[idx] | union)
                 tick()
     return out
