@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--jitter", type=float, default=0.15)
     ap.add_argument("--loss-weights", default="dice=1,focal=20,iou=1")
     ap.add_argument("--val-every", type=int, default=None, help="default: 6 validations per run")
-    ap.add_argument("--num-workers", type=int, default=None, help="default: min(8, CPU cores - 2) on CUDA, 0 on CPU")
+    ap.add_argument("--num-workers", type=int, default=None, help="default: min(12, CPU cores - 2) on CUDA, 0 on CPU")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.stem + ".run")
     bs = args.batch_size or (128 if cuda else 8)
-    workers = args.num_workers if args.num_workers is not None else (min(8, max(2, (os.cpu_count() or 4) - 2)) if cuda else 0)
+    workers = args.num_workers if args.num_workers is not None else (min(12, max(2, (os.cpu_count() or 4) - 2)) if cuda else 0)
     n_train = 0
     from uniultra.data.datasets import UniformDataset
 
