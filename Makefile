@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	mkdir -p out
 	$(BIN)/uniultra segment --image $(DATA)/busi/images/benign_001.png \
-		--box 118 58 272 171 --out out/demo_mask.png --overlay out/demo_overlay.png
+		--box 193 88 236 113 --out out/demo_mask.png --overlay out/demo_overlay.png
 	@echo "mask: out/demo_mask.png  overlay: out/demo_overlay.png"
 
 lint: $(STAMP)

@@ -419,6 +419,9 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result gets normal permissions
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
