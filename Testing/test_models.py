@@ -210,3 +210,24 @@ def test_bad_checkpoints(tmp_path):
         build_model(str(tmp_path / "wrong.pt"))
     with pytest.raises(InputError, match="unknown model"):
         build_model("no-such-model")
+
+
+def test_student_with_another_method_round_trips(tmp_path):
+    """A student always keeps its CH-Adapters; LoRA goes on top and reloads from file."""
+    m = build_model("uniultra-student-e8", image_size=SIZE, peft="lora")
+    names = {n for n, _ in m.sam.named_parameters()}
+    assert any("ch_adapter" in n for n in names) and any("lora_" in n for n in names)
+    again = build_model(str(save_checkpoint(m, tmp_path / "s.pt")))
+    assert {n for n, _ in again.sam.named_parameters()} == names
+
+
+def test_fine_tuning_a_trained_student_with_ch_adapter_freezes_its_trunk(tmp_path):
+    path = save_checkpoint(build_model("uniultra-student-e8", image_size=SIZE), tmp_path / "s.pt")
+    m = build_model(str(path), peft="ch-adapter")
+    train = _trainable(m)
+    assert any("ch_adapter" in n for n in train)
+    assert not any(n.startswith("image_encoder.trunk.blocks.0.attn.") for n in train)
+    assert not any(n.startswith("image_encoder.neck.") for n in train)
+    small = save_checkpoint(m, tmp_path / "a.pt", trained_only=True, meta={"base": str(path)})
+    again = build_model(str(small))
+    assert again.peft["method"] == "ch-adapter"

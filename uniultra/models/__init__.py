@@ -27,19 +27,27 @@ from uniultra.models.registry import ModelEntry, get_entry, load_registry
 __all__ = ["build_model", "UniUltraModel", "save_checkpoint", "load_registry", "METHODS", "resolve_model"]
 
 
+def _adapt(sam: torch.nn.Module, arch: Arch, method: str | None, scope: str, options: dict) -> dict:
+    """Apply an adaptation method.  A student always carries CH-Adapters (UniUltra-mini); with
+    no other method, or CH-Adapter itself, its whole encoder trains (it has no pre-trained
+    trunk to protect); another method goes on top of the adapters."""
+    if not arch.is_student:
+        return apply_peft(sam, method, scope, **options)
+    own = method in (None, "none", "ch-adapter")
+    desc = apply_peft(sam, "ch-adapter", "encoder+decoder", **(options if own else {}))
+    if own:
+        for p in sam.image_encoder.parameters():
+            p.requires_grad_(True)
+        return desc
+    return apply_peft(sam, method, scope, **options)
+
+
 def _assemble(arch: Arch, image_size: int, peft: str | None, scope: str, options: dict,
               base_sd: dict | None, source: str, name: str | None) -> UniUltraModel:
     sam = build_sam2_base(arch, image_size)
     if base_sd is not None:
         _load(sam, base_sd, source)
-    if arch.is_student and peft is None:
-        # A student is a CH-Adapter model by construction (UniUltra-mini).
-        peft = "ch-adapter"
-    desc = apply_peft(sam, peft, scope, **options)
-    if arch.is_student and desc["method"] == "ch-adapter":
-        for p in sam.image_encoder.parameters():
-            p.requires_grad_(True)  # students train their whole encoder (no pre-trained trunk)
-    return UniUltraModel(sam, arch, image_size, desc, name)
+    return UniUltraModel(sam, arch, image_size, _adapt(sam, arch, peft, scope, options), name)
 
 
 def _load(module: torch.nn.Module, sd: dict, source: str, image_only: bool = False) -> None:
@@ -139,7 +147,9 @@ def build_model(
             if sha256_file(bp) != sha:
                 raise InputError(f"checkpoint {path} was trained on a different {info['base']} (SHA-256 differs)")
         sam = base.sam
-        desc = apply_peft(sam, saved.get("method"), saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
+        desc = base.peft
+        if saved.get("method") not in (None, desc.get("method")):
+            desc = apply_peft(sam, saved["method"], saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
         missing = set(ckpt["trained"]) - set(dict(sam.named_parameters()))
         if missing:
             raise InputError(f"checkpoint {path} holds parameters the model lacks, e.g. {sorted(missing)[:3]}")
@@ -147,11 +157,12 @@ def build_model(
         model = UniUltraModel(sam, arch, size, desc, name)
     else:
         sam = build_sam2_base(arch, size)
-        desc = apply_peft(sam, saved.get("method"), saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
+        desc = _adapt(sam, arch, saved.get("method"), saved.get("scope", "encoder+decoder"), saved.get("options", {}))
         _load(sam, ckpt["model"], str(path), bool(info.get("image_only")))
         model = UniUltraModel(sam, arch, size, desc, name)
     model.memory_trained = bool(info.get("memory_trained", False))
-    if peft is not None and peft != desc["method"]:
+    if peft is not None and (peft != desc["method"] or peft == "ch-adapter"):
+        # fine-tuning a trained model: its own adapters are kept, the method's freezing rules apply
         apply_peft(model.sam, peft, scope, **options)
         model.peft = {"method": peft, "scope": scope, "options": options, "base_peft": desc}
     return model.to(device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from sam2.modeling.backbones.hieradet import Hiera
 from torch import nn
 
-from uniultra.models.ch_adapter import add_ch_adapters
+from uniultra.models.ch_adapter import CHAdaptedHiera, add_ch_adapters
 
 METHODS = ("ch-adapter", "lora", "adapter", "cnn-branch", "full", "decoder", "none")
 SCOPES = ("encoder+decoder", "decoder")
@@ -264,7 +264,9 @@ def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder
                     p.requires_grad_(True)
 
     if method == "ch-adapter":
-        if encoder:
+        if encoder and isinstance(trunk, CHAdaptedHiera):  # already adapted (a trained model)
+            new += [p for n, p in trunk.named_parameters() if "ch_adapter" in n or n.startswith("edge_stem")]
+        elif encoder:
             for mod in add_ch_adapters(trunk, int(options.get("reduction", 4))):
                 new += list(mod.parameters())
         unfreeze("outside-encoder")
