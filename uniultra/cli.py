@@ -289,14 +289,16 @@ def cmd_evaluate(args) -> int:
     predictor = _load_predictor(args)
     if args.clips:
         res = evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb), args.data, split=args.split,
-                             jitter=args.jitter, seed=args.seed, out_dir=args.out_dir, limit=args.limit)
+                             jitter=args.jitter, seed=args.seed, out_dir=args.out_dir, limit=args.limit,
+                             progress=sys.stderr.isatty())
     else:
         def segment_fn(image, boxes, points, labels):
             predictor.set_image(image)
             return list(predictor.predict(boxes=boxes, points=points, labels=labels, refine=args.refine).masks)
 
         res = evaluate_dataset(segment_fn, args.data, split=args.split, jitter=args.jitter, prompt=args.prompt,
-                               seed=args.seed, out_dir=args.out_dir, limit=args.limit)
+                               seed=args.seed, out_dir=args.out_dir, limit=args.limit,
+                               progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(res, indent=2, default=float))
     else:
