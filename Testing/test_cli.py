@@ -164,3 +164,13 @@ def test_export_onnx(capsys, ckpt, tmp_path):
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.decoder.onnx").is_file()
     code, _, err = run(capsys, "export", "--model", ckpt, "--format", "tflite", "--out", tmp_path / "x")
     assert code == 2 and "onnx" in err
+
+
+def test_evaluate_json_and_overlays(capsys, ckpt, data_root, tmp_path):
+    code, out, err = run(capsys, "evaluate", "--model", ckpt, "--data", data_root / "ddti", "--limit", 3,
+                         "--json", "--out-dir", tmp_path / "ev")
+    assert code == 0, err
+    d = json.loads(out)["datasets"]["ddti"]
+    assert d["n_images"] == 3 and 0 <= d["dice"] <= 1 and d["ellipse_dice"] > 0.5
+    assert (tmp_path / "ev" / "ddti" / "per_image.csv").is_file()
+    assert list((tmp_path / "ev" / "ddti").glob("worst_1_*.png"))
