@@ -6,21 +6,21 @@ application, Segmentations and Sequences logics registered.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "UniUltraSegment") not in sys.path:
     sys.path.insert(0, str(REPO / "UniUltraSegment"))
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) is needed for MRML tests")
+import slicer  # noqa: E402  (slicer-core from PyPI: the real MRML core; a missing install must fail, not skip)
 import vtk  # noqa: E402
 from UniUltraSegmentLib.context import create_context  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ["UNIULTRA_DATA"]) if os.environ.get("UNIULTRA_DATA") else REPO.parent / "shared" / "data"
 
 # Slicer's slice orientation presets (SliceToRAS rotation part)
 AXIAL = np.array([[-1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
