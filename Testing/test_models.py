@@ -231,3 +231,19 @@ def test_fine_tuning_a_trained_student_with_ch_adapter_freezes_its_trunk(tmp_pat
     small = save_checkpoint(m, tmp_path / "a.pt", trained_only=True, meta={"base": str(path)})
     again = build_model(str(small))
     assert again.peft["method"] == "ch-adapter"
+
+
+def test_sam_unet_med_token_decoder(tmp_path):
+    m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True, peft="cnn-branch",
+                    peft_options={"depth": 18, "decoder": "med-token"})
+    train = _trainable(m)
+    assert "sam_mask_decoder.med_token.weight" in train and any("med_mlp" in n for n in train)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    logits, score = m.decode(m.encode(x), boxes=torch.tensor([[4.0, 4, 60, 60], [10, 10, 90, 90]]), multimask=True)
+    assert logits.shape == (2, 1, SIZE // 4, SIZE // 4) and torch.all(score == 1)
+    logits.sum().backward()
+    assert m.sam.sam_mask_decoder.med_token.weight.grad is not None
+    again = build_model(str(save_checkpoint(m, tmp_path / "u.pt")))
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x[:1], torch.tensor([[4.0, 4, 60, 60]])),
+                              m.eval()(x[:1], torch.tensor([[4.0, 4, 60, 60]])), atol=1e-5)

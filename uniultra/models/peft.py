@@ -10,7 +10,8 @@ Methods (``apply_peft(sam, method, scope, **options)``):
 - ``adapter``     finetune-SAM's Adapter: after attention (residual) and parallel to the MLP
                   (scale 0.5) in chosen Hiera blocks, and parallel to the MLP of the first
                   two-way block of the mask decoder.
-- ``cnn-branch``  SAM-UNet's ResNet branch, added to the token map before each global block.
+- ``cnn-branch``  SAM-UNet's ResNet branch, added to the token map before each global block;
+                  ``decoder="med-token"`` adds SAM-UNet's single-token multi-scale decoder.
 - ``full``        everything trainable.
 - ``decoder``     only the prompt encoder and mask decoder train.
 - ``none``        everything frozen (inference).
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.sam.mask_decoder import MaskDecoder
 from torch import nn
 
 from uniultra.models.ch_adapter import CHAdaptedHiera, add_ch_adapters
@@ -229,6 +231,52 @@ def _cnn_branch(trunk: Hiera, depth: int) -> list[nn.Parameter]:
     return list(branch.parameters())
 
 
+class MedTokenMaskDecoder(MaskDecoder):
+    """SAM-UNet's decoder on SAM2 (installed by class swap): one learned "Med-Output" token
+    replaces the IoU, object-score and multimask tokens; the upscaled mask features are fused
+    with the encoder's earlier stages (SAM2's stride-4 and stride-8 features, 32 and 64 ch, the
+    multi-scale path) and a 3-layer MLP on the token gives the per-channel mask weights.
+    There is no quality head: the returned score is 1."""
+
+    med_token: nn.Embedding
+    med_mlp: nn.Module
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                multimask_output, repeat_image, high_res_features=None):  # noqa: D102
+        tokens = torch.cat([self.med_token.weight.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1),
+                            sparse_prompt_embeddings], dim=1)
+        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) if repeat_image else image_embeddings
+        src = src + dense_prompt_embeddings
+        pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
+        b, c, h, w = src.shape
+        hs, src = self.transformer(src, pos_src, tokens)
+        med = hs[:, 0, :]
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        dc1, ln1, act1, dc2, act2 = self.output_upscaling
+        feat_s0, feat_s1 = high_res_features
+        up = act1(ln1(dc1(src) + feat_s1))
+        up = act2(dc2(up) + feat_s0)
+        weights = self.med_mlp(med)  # (B, C/8)
+        bu, cu, hu, wu = up.shape
+        masks = (weights.unsqueeze(1) @ up.view(bu, cu, hu * wu)).view(bu, 1, hu, wu)
+        ones = masks.new_ones(bu, 1)
+        return masks, ones, med.unsqueeze(1), 10.0 * ones
+
+
+def _med_token_decoder(sam: nn.Module) -> list[nn.Parameter]:
+    from sam2.modeling.sam2_utils import MLP
+
+    dec = sam.sam_mask_decoder
+    if not dec.use_high_res_features:
+        raise ValueError("the med-token decoder needs SAM2's high-resolution features")
+    dim = dec.transformer_dim
+    device = dec.iou_token.weight.device
+    dec.__class__ = MedTokenMaskDecoder
+    dec.med_token = nn.Embedding(1, dim).to(device)
+    dec.med_mlp = MLP(dim, dim, dim // 8, 3).to(device)
+    return [dec.med_token.weight, *dec.med_mlp.parameters()]
+
+
 # ----------------------------------------------------------------------------- apply
 def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder", **options) -> dict:
     """Adapt ``sam`` in place and set ``requires_grad`` by the method's freezing rules.
@@ -242,7 +290,7 @@ def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder
     if scope not in SCOPES:
         raise ValueError(f"unknown update scope {scope!r}: choose one of {', '.join(SCOPES)}")
     known = {"lora": {"rank", "alpha", "decoder"}, "adapter": {"blocks", "reduction", "decoder_blocks"},
-             "ch-adapter": {"reduction"}, "cnn-branch": {"depth"}}.get(method, set())
+             "ch-adapter": {"reduction"}, "cnn-branch": {"depth", "decoder"}}.get(method, set())
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"option(s) {sorted(unknown)} do not apply to method {method!r}; "
@@ -286,6 +334,11 @@ def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder
     elif method == "cnn-branch":
         if encoder:
             new += _cnn_branch(trunk, int(options.get("depth", 34)))
+        decoder = options.get("decoder", "sam2")
+        if decoder not in ("sam2", "med-token"):
+            raise ValueError(f"cnn-branch decoder {decoder!r} is not known: use sam2 or med-token")
+        if decoder == "med-token":
+            new += _med_token_decoder(sam)
         unfreeze(*DECODER_PARTS)
     elif method == "full":
         if encoder:
