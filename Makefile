@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "mask: out/demo_mask.png  overlay: out/demo_overlay.png"
 
 lint: $(STAMP)
-	$(BIN)/ruff check uniultra Testing benchmarks UniUltraSegment UniUltraTrain
+	$(BIN)/ruff check uniultra Testing benchmarks scripts UniUltraSegment UniUltraTrain
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -x Testing
