@@ -19,6 +19,7 @@ if str(REPO / "UniUltraSegment") not in sys.path:
 import slicer  # noqa: E402  (slicer-core from PyPI: the real MRML core; a missing install must fail, not skip)
 import vtk  # noqa: E402
 from UniUltraSegmentLib.context import create_context  # noqa: E402
+from UniUltraSegmentLib.segments import _numpy_matrix_to_vtk  # noqa: E402
 
 DATA = Path(os.environ["UNIULTRA_DATA"]) if os.environ.get("UNIULTRA_DATA") else REPO.parent / "shared" / "data"
 
@@ -37,12 +38,7 @@ def mrml_context():
     c.scene.Clear(1)
 
 
-def np_to_vtk_matrix(m: np.ndarray):
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(m[r, c]))
-    return out
+np_to_vtk_matrix = _numpy_matrix_to_vtk
 
 
 def make_volume(ctx, arr: np.ndarray, ijk_to_ras: np.ndarray | None = None, name: str = "vol", rgb: bool = False):

@@ -6,41 +6,19 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from synthetic import make_dataset
 
 from uniultra.errors import InputError
 from uniultra.models import build_model, save_checkpoint
 from uniultra.training.distill import DistillConfig, FeatureTap, build_student, distill
 
 
-def make_dataset(root: Path, n_train: int = 8, n_val: int = 2, size: int = 64, seed: int = 1) -> Path:
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
-    yy, xx = np.mgrid[:size, :size]
-    rows = []
-    for i in range(n_train + n_val):
-        cy, cx = rng.uniform(0.3, 0.7, 2) * size
-        r = rng.uniform(0.12, 0.25) * size
-        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        img = rng.normal(60, 20, (size, size)) + 110 * m
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"d{i}.png")
-        Image.fromarray((m * 255).astype(np.uint8)).save(root / "masks" / f"d{i}.png")
-        rows.append((f"d{i}", "train" if i < n_train else "val"))
-    with open(root / "split.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "split"])
-        w.writerows(rows)
-    return root
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("distill")
-    data = make_dataset(base / "syn")
+    data = make_dataset(base / "syn", n_train=8, n_val=2, seed=1)
     torch.manual_seed(0)
     teacher = build_model("uniultra-student-e16", image_size=64)  # a CH-Adapter model as the teacher
     tpath = base / "teacher.pt"

@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from synthetic import make_dataset
 
 from uniultra.errors import InputError
 from uniultra.training.losses import (
@@ -31,28 +30,6 @@ from uniultra.training.trainer import Schedule, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = "uniultra-student-e8"
-
-
-def make_dataset(root: Path, n_train: int = 12, n_val: int = 3, size: int = 64, seed: int = 0) -> Path:
-    """Grey noise images with one bright ellipse each (uniform layout)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
-    rows = []
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n_train + n_val):
-        cy, cx = rng.uniform(0.3, 0.7, 2) * size
-        ry, rx = rng.uniform(0.12, 0.25, 2) * size
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        img = rng.normal(60, 20, (size, size)) + 110 * m
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i:02d}.png")
-        Image.fromarray((m * 255).astype(np.uint8)).save(root / "masks" / f"im{i:02d}.png")
-        rows.append((f"im{i:02d}", "train" if i < n_train else "val"))
-    with open(root / "split.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "split"])
-        w.writerows(rows)
-    return root
 
 
 @pytest.fixture(scope="module")
