@@ -55,13 +55,11 @@ _STEP = re.compile(r"step (\d+)/(\d+)")
 
 # ------------------------------------------------------------------------------------ options
 @dataclass
-class TrainOptions:
-    """What the Train panel offers; becomes `uniultra train` arguments."""
+class _RunOptions:
+    """The options `uniultra train` and `uniultra distill` share."""
 
     data: list[str]
     out: str
-    base: str = DEFAULT_BASE  # registry name, SAM2/SAM2.1 checkpoint file, earlier trained model
-    method: str = "ch-adapter"
     epochs: int = 20
     steps: int | None = None
     lr: float = 1e-4
@@ -72,11 +70,10 @@ class TrainOptions:
     register: str | None = None
     description: str = ""
     resume: bool = False
-    random_init: bool = False  # an architecture name trains from random weights anyway
     extra_args: list[str] = field(default_factory=list)
 
-    def check(self) -> None:
-        """Raise ValueError naming the option and what to do."""
+    def _check_common(self, base: str) -> None:
+        """Raise ValueError naming the option and what to do; ``base`` is the model trained from."""
         if not self.data:
             raise ValueError("no training data: export a dataset first (or choose a dataset folder)")
         for d in self.data:
@@ -84,8 +81,6 @@ class TrainOptions:
                 raise ValueError(f"training data folder '{d}' does not exist: export the dataset first")
         if not self.out:
             raise ValueError("no output folder: choose where the trained model goes")
-        if self.method not in METHODS:
-            raise ValueError(f"adaptation method '{self.method}' is not one of {', '.join(METHODS)}")
         if self.epochs < 1:
             raise ValueError(f"epochs {self.epochs}: give at least 1")
         if self.steps is not None and self.steps < 1:
@@ -98,7 +93,7 @@ class TrainOptions:
             raise ValueError(f"device '{self.device}' is not one of {', '.join(DEVICES)}")
         if self.register is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.register):
             raise ValueError(f"model name '{self.register}': use letters, digits, '.', '_' or '-' (no spaces)")
-        base = self.base.strip()
+        base = base.strip()
         if not base:
             raise ValueError("no base model: choose the bundled default, a checkpoint file or a trained model")
         if base.endswith((".pt", ".pth", ".ckpt")) and not Path(base).is_file():
@@ -106,28 +101,29 @@ class TrainOptions:
 
 
 @dataclass
-class DistillOptions:
-    """What the Distill panel offers; becomes `uniultra distill` arguments."""
+class TrainOptions(_RunOptions):
+    """What the Train panel offers; becomes `uniultra train` arguments."""
 
-    data: list[str]
-    out: str
-    teacher: str = DEFAULT_BASE
-    student: str = DEFAULT_STUDENT
-    epochs: int = 20
-    steps: int | None = None
-    lr: float = 1e-4
-    image_size: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    register: str | None = None
-    description: str = ""
-    resume: bool = False
-    extra_args: list[str] = field(default_factory=list)
+    base: str = DEFAULT_BASE  # registry name, SAM2/SAM2.1 checkpoint file, earlier trained model
+    method: str = "ch-adapter"
+    random_init: bool = False  # an architecture name trains from random weights anyway
 
     def check(self) -> None:
-        TrainOptions(self.data, self.out, self.teacher, "ch-adapter", self.epochs, self.steps, self.lr,
-                     self.image_size, self.batch_size, self.device, self.seed, self.register).check()
+        """Raise ValueError naming the option and what to do."""
+        if self.method not in METHODS:
+            raise ValueError(f"adaptation method '{self.method}' is not one of {', '.join(METHODS)}")
+        self._check_common(self.base)
+
+
+@dataclass
+class DistillOptions(_RunOptions):
+    """What the Distill panel offers; becomes `uniultra distill` arguments."""
+
+    teacher: str = DEFAULT_BASE
+    student: str = DEFAULT_STUDENT
+
+    def check(self) -> None:
+        self._check_common(self.teacher)
         if not self.student:
             raise ValueError("no student: choose a student size (e.g. uniultra-student-e16)")
 
