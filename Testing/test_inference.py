@@ -76,6 +76,31 @@ def test_any_image_type(model, busi_image, kind):
         assert np.mean(m == ref.predict(boxes=[(118, 58, 272, 171)]).masks) > 0.99
 
 
+def test_mirror_tta_averages_the_image_and_its_mirror(model, busi_image):
+    """TTA logits = mean of the plain answer and the flipped-back answer on the mirrored image
+    with mirrored prompts; and TTA is exactly equivariant to mirroring the input."""
+    h, w = busi_image.shape[:2]
+    box, pt = (118, 58, 272, 171), (190, 110)
+    mbox, mpt = (w - 1 - box[2], box[1], w - 1 - box[0], box[3]), (w - 1 - pt[0], pt[1])
+    mirror = np.ascontiguousarray(busi_image[:, ::-1])
+    plain, tta = Predictor(model, "cpu"), Predictor(model, "cpu", tta=True)
+    plain.set_image(busi_image)
+    a = plain.predict(boxes=[box], points=[pt], labels=[0])
+    plain.set_image(mirror)
+    b = plain.predict(boxes=[mbox], points=[mpt], labels=[0])
+    tta.set_image(busi_image)
+    t = tta.predict(boxes=[box], points=[pt], labels=[0])
+    expected = (a.low_res_logits + b.low_res_logits.flip(-1)) / 2
+    assert torch.allclose(t.low_res_logits, expected, atol=1e-4)
+    assert not torch.allclose(t.low_res_logits, a.low_res_logits, atol=1e-3)  # the mirror did contribute
+    tta.set_image(mirror)
+    tm = tta.predict(boxes=[mbox], points=[mpt], labels=[0])
+    assert torch.allclose(tm.low_res_logits.flip(-1), t.low_res_logits, atol=1e-4)
+    assert t.masks.shape == (1, h, w)
+    refined = tta.predict(boxes=[mbox], refine=True)  # the mask prompt is mirrored too
+    assert refined.masks.shape == (1, h, w)
+
+
 def test_bad_prompts_are_clear(model, busi_image):
     p = Predictor(model, "cpu")
     p.set_image(busi_image)

@@ -5,6 +5,11 @@ the prompt encoder and mask decoder (milliseconds), which is what makes interact
 in Slicer feel immediate.
 
 Coordinates are image pixels: x right, y down, box corners inclusive.
+
+``tta=True`` (test-time augmentation) also encodes the left-right mirror of the image, asks the
+same prompts mirrored, and averages the two logit maps: about twice the encoder and decoder
+time for a small, consistent gain in Dice (see the README's results).  Mirroring is exact in
+model space (``x -> S - x``), so the mirrored logits are flipped back without resampling.
 """
 
 from __future__ import annotations
@@ -105,26 +110,34 @@ class Prediction:
 class Predictor:
     """Caches one image's embedding and answers prompts on it."""
 
-    def __init__(self, model, device: str | torch.device | None = "auto"):
+    def __init__(self, model, device: str | torch.device | None = "auto", tta: bool = False):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.size = model.image_size
+        self.tta = bool(tta)
         self._emb: dict | None = None
+        self._emb_mirror: dict | None = None
         self._hw: tuple[int, int] | None = None
 
     @classmethod
-    def from_name(cls, name: str | None = None, device: str | torch.device | None = "auto") -> Predictor:
+    def from_name(cls, name: str | None = None, device: str | torch.device | None = "auto",
+                  tta: bool = False) -> Predictor:
         from uniultra.models import build_model
 
         name = name or os.environ.get("UNIULTRA_MODEL", DEFAULT_MODEL)
-        return cls(build_model(name), device)
+        return cls(build_model(name), device, tta=tta)
 
     # -------------------------------------------------------------- image
     @torch.no_grad()
     def set_image(self, image: np.ndarray) -> None:
         a = check_image(image)
         x, _ = to_model_input(a, self.size)
-        self._emb = self.model.encode(x.to(self.device))
+        x = x.to(self.device)
+        if self.tta:  # one batch of two: the image and its mirror
+            both = self.model.encode(torch.cat([x, x.flip(-1)], 0))
+            self._emb, self._emb_mirror = _split_embedding(both, 0), _split_embedding(both, 1)
+        else:
+            self._emb, self._emb_mirror = self.model.encode(x), None
         self._hw = a.shape[:2]
 
     @property
@@ -170,19 +183,44 @@ class Predictor:
                                      device=self.device)[None]
                 pl = torch.as_tensor(lab[sel], device=self.device)[None]
             mi = None if mask_input is None else mask_input[i:i + 1].to(self.device)
-            logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi)
+            logits, iou = self._decode(box_t, pc, pl, mi)
             if refine:
-                logits, iou = self.model.decode(self._emb, box_t, pc, pl, logits)
+                logits, iou = self._decode(box_t, pc, pl, logits)
             logits_all.append(logits)
             scores.append(float(iou[0, 0]))
         low = torch.cat(logits_all, 0)
         masks = (upsample_logits(low[:, 0].float().cpu(), hw, self.size) > 0).numpy()
         return Prediction(masks, np.asarray(scores, dtype=np.float32), low)
 
+    def _decode(self, box_t, pc, pl, mi):
+        """Decode one object's prompts; with ``tta`` average with the mirrored image's answer."""
+        logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi)
+        if self._emb_mirror is None:
+            return logits, iou
+        S = float(self.size)
+        # pixel x mirrors to w - 1 - x: for a box (x1 + 1 is its right edge) that is S - x in model
+        # space; a point maps to x * S / w (not its centre), so its mirror is S - x - S / w
+        mbox = None if box_t is None else torch.stack([S - box_t[:, 2], box_t[:, 1], S - box_t[:, 0], box_t[:, 3]], 1)
+        mpc = None if pc is None else torch.stack([S - pc[..., 0] - S / self._hw[1], pc[..., 1]], -1)
+        mmi = None if mi is None else mi.flip(-1)
+        logits2, iou2 = self.model.decode(self._emb_mirror, mbox, mpc, pl, mmi)
+        return (logits + logits2.flip(-1)) / 2, (iou + iou2) / 2
+
     def segment(self, image: np.ndarray, boxes=None, points=None, labels=None, refine: bool = False) -> list[np.ndarray]:
         """Convenience: set the image and return a list of bool masks."""
         self.set_image(image)
         return list(self.predict(boxes, points, labels, refine).masks)
+
+
+def _split_embedding(emb, k: int):
+    """Row ``k`` of a batched embedding (a dict of tensors or lists of tensors)."""
+    def take(v):
+        if torch.is_tensor(v):
+            return v[k:k + 1]
+        if isinstance(v, (list, tuple)):
+            return type(v)(take(t) for t in v)
+        return v
+    return {key: take(v) for key, v in emb.items()}
 
 
 def _assign_points(pts: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
