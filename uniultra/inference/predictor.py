@@ -9,7 +9,7 @@ Coordinates are image pixels: x right, y down, box corners inclusive.
 ``tta=True`` (test-time augmentation) also encodes the left-right mirror of the image, asks the
 same prompts mirrored, and averages the two logit maps: about twice the encoder and decoder
 time for a small, consistent gain in Dice (see the README's results).  Mirroring is exact in
-model space (``x -> S - x``), so the mirrored logits are flipped back without resampling.
+model space, so the mirrored logits are flipped back without resampling.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class Predictor:
         x = x.to(self.device)
         if self.tta:  # one batch of two: the image and its mirror
             both = self.model.encode(torch.cat([x, x.flip(-1)], 0))
-            self._emb, self._emb_mirror = _split_embedding(both, 0), _split_embedding(both, 1)
+            rows = self.model.embedding_rows
+            self._emb, self._emb_mirror = rows(both, slice(0, 1)), rows(both, slice(1, 2))
         else:
             self._emb, self._emb_mirror = self.model.encode(x), None
         self._hw = a.shape[:2]
@@ -210,17 +211,6 @@ class Predictor:
         """Convenience: set the image and return a list of bool masks."""
         self.set_image(image)
         return list(self.predict(boxes, points, labels, refine).masks)
-
-
-def _split_embedding(emb, k: int):
-    """Row ``k`` of a batched embedding (a dict of tensors or lists of tensors)."""
-    def take(v):
-        if torch.is_tensor(v):
-            return v[k:k + 1]
-        if isinstance(v, (list, tuple)):
-            return type(v)(take(t) for t in v)
-        return v
-    return {key: take(v) for key, v in emb.items()}
 
 
 def _assign_points(pts: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:

@@ -40,6 +40,13 @@ class UniUltraModel(nn.Module):
         return {"image_embed": embed, "high_res_feats": high, "fpn": fpn}
 
     # ------------------------------------------------------------------ decoder
+    @staticmethod
+    def embedding_rows(emb: dict, rows) -> dict:
+        """The decoder's part of a batched embedding, for the images ``rows`` (index tensor or slice)."""
+        high = emb.get("high_res_feats")
+        return {"image_embed": emb["image_embed"][rows],
+                "high_res_feats": None if high is None else [h[rows] for h in high]}
+
     def decode(
         self,
         emb: dict,

@@ -136,12 +136,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weights: LossW
     return total, {k: (float(v.detach()) if sync else v.detach()) for k, v in terms.items()}
 
 
-def _rows(emb: dict, rows: torch.Tensor) -> dict:
-    high = emb.get("high_res_feats")
-    return {"image_embed": emb["image_embed"][rows],
-            "high_res_feats": None if high is None else [h[rows] for h in high]}
-
-
 def decode_prompts(model, emb: dict, image_index: torch.Tensor, boxes: torch.Tensor | None = None,
                    has_box: torch.Tensor | None = None, point_coords: torch.Tensor | None = None,
                    point_labels: torch.Tensor | None = None, mask_input: torch.Tensor | None = None,
@@ -171,14 +165,14 @@ def decode_prompts(model, emb: dict, image_index: torch.Tensor, boxes: torch.Ten
     for flag, rows in groups:
         if rows is None:  # every row has a box: no regrouping
             pc, pl = (point_coords, point_labels) if has_points else (None, None)
-            lg, io = model.decode(_rows(emb, image_index), boxes, pc, pl, mask_input=mask_input, multimask=multimask)
+            lg, io = model.decode(model.embedding_rows(emb, image_index), boxes, pc, pl, mask_input=mask_input, multimask=multimask)
             return lg, io
         pc = pl = None
         if has_points and bool((point_labels[rows] >= 0).any()):
             pc, pl = point_coords[rows], point_labels[rows]
         if not flag and pc is None:
             raise ValueError("a prompt row has neither a box nor points")
-        e = _rows(emb, image_index[rows])
+        e = model.embedding_rows(emb, image_index[rows])
         mi = mask_input[rows] if mask_input is not None else None
         lg, io = model.decode(e, boxes[rows] if flag else None, pc, pl, mask_input=mi, multimask=multimask)
         if logits_all is None:
