@@ -32,9 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -256,6 +254,7 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
         expand_data_dirs,
         plot_curves,
         resolve_device,
+        sigint_stop,
         validate,
     )
 
@@ -342,14 +341,7 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
                            "scheduler": sched.state_dict(), "rng": _rng_state(), "state": state,
                            "config": asdict(cfg)}, last_path)
 
-    stop = {"flag": False}
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        def _sig(signum, frame):
-            if stop["flag"]:
-                raise KeyboardInterrupt
-            stop["flag"] = True
-        old = signal.signal(signal.SIGINT, _sig)
+    stop, restore_sigint = sigint_stop()
     bar = None
     if progress is True or (progress is None and cfg.progress_bar):
         from tqdm import tqdm
@@ -436,8 +428,7 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
     finally:
         if bar is not None:
             bar.close()
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        restore_sigint()
         for tap in (t_tap, s_tap):
             if tap is not None:
                 tap.remove()

@@ -393,6 +393,24 @@ def train(config: TrainConfig, progress: Callable | bool | None = None, cancel: 
             dist.destroy_process_group()
 
 
+def sigint_stop(on_first: Callable[[], None] | None = None) -> tuple[dict, Callable[[], None]]:
+    """Ctrl-C asks a training loop to stop after the current step (``stop["flag"]`` turns
+    true; a second Ctrl-C aborts).  Returns ``(stop, restore)``; call ``restore()`` when the
+    loop ends.  Outside the main thread (e.g. Slicer's worker) no handler is installed."""
+    stop = {"flag": False}
+    if threading.current_thread() is not threading.main_thread():
+        return stop, lambda: None
+
+    def _on_sigint(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        if on_first is not None:
+            on_first()
+    old = signal.signal(signal.SIGINT, _on_sigint)
+    return stop, (lambda: None) if old is None else (lambda: signal.signal(signal.SIGINT, old))
+
+
 def _say(log, rank, msg):
     if rank == 0:
         (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
@@ -580,15 +598,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
         save_checkpoint(model, path, meta, half=half, trained_only=(adapter_only and not full))
 
     # ---------------- SIGINT
-    stop = {"flag": False}
-    old_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def _on_sigint(signum, frame):
-            if stop["flag"]:
-                raise KeyboardInterrupt
-            stop["flag"] = True
-            _say(log, rank, "\nstopping after the current step (Ctrl-C again to abort)...")
-        old_handler = signal.signal(signal.SIGINT, _on_sigint)
+    stop, restore_sigint = sigint_stop(lambda: _say(log, rank, "\nstopping after the current step "
+                                                                 "(Ctrl-C again to abort)..."))
 
     # ---------------- loop
     bar = None
@@ -734,8 +745,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
         del loader
         if bar is not None:
             bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        restore_sigint()
 
     import hashlib
 
