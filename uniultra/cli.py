@@ -407,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     _tta_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
+    from uniultra.batch import add_batch_parser  # `uniultra batch`: many clips, resumable, shardable
+
+    add_batch_parser(sub)
+
     try:
         from uniultra.training import cli_commands
     except ImportError:
