@@ -56,25 +56,10 @@ def registerEditorEffect():
 
 
 def registerSampleData():
-    import SampleData
+    """Sample Data module: the carotid image and cine (see UniUltraSegmentLib/sampledata.py)."""
+    from UniUltraSegmentLib.sampledata import register_sample_data
 
-    icon = str(MODULE_DIR / "Resources" / "Icons" / "UniUltraSegment.png")
-    for name, fileName, fileType in [
-        ("UniUltraCarotidUS", "CarotidUS.png", "VolumeFile"),
-        ("UniUltraCarotidCine", "CarotidCine.seq.nrrd", "SequenceFile"),
-    ]:
-        path = SAMPLE_DIR / fileName
-        if not path.exists():
-            continue
-        SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category="UniUltra",
-            sampleName=name,
-            uris=path.as_uri(),
-            fileNames=fileName,
-            nodeNames=name,
-            thumbnailFileName=icon,
-            loadFileType=fileType,
-        )
+    register_sample_data()
 
 
 class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
