@@ -125,7 +125,7 @@ def _parse_box(raw, where: str):
         raise InputError(f"{where}: box {raw!r} must be four numbers x0 y0 x1 y1")
     box = tuple(_number(v, "box value", where) for v in raw)
     if box[2] < box[0] or box[3] < box[1]:
-        raise InputError(f"{where}: box {list(raw)} is empty (x1 < x0 or y1 < y0)")
+        raise InputError(f"{where}: box ({', '.join(f'{v:g}' for v in box)}) is empty (x1 < x0 or y1 < y0)")
     return box
 
 

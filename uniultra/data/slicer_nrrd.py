@@ -51,7 +51,7 @@ def _extent(mask: np.ndarray) -> str:
 
 def _write(path, fields: list[str], data: np.ndarray) -> Path:
     header = "NRRD0004\n" + "".join(f"{f}\n" for f in fields) + "\n"
-    payload = gzip.compress(np.ascontiguousarray(data, dtype=np.uint8).tobytes(), 6)
+    payload = gzip.compress(np.ascontiguousarray(data, dtype=np.uint8).tobytes(), 6, mtime=0)  # same masks, same bytes
 
     def w(tmp: str) -> None:
         with open(tmp, "wb") as f:
