@@ -43,6 +43,7 @@ CORRECTION_FRAME = 2
 CORRECTION_BOX = (153, 97, 221, 161)
 CINE_FRAMES = [f"202201121752220024VAS_{n}" for n in "00599 00603 00646 00657 00668 00691 00693 00699 00713 00721".split()]
 HC18_ID = "005_HC"
+SEGMENT_COLOR = (0.2, 0.85, 0.55)  # fixed, so a regenerated picture differs only where the product does
 VIEW_SIZE = (363, 384)  # one slice view, pixels (the sample image's own size: one screen pixel per image pixel)
 
 
@@ -233,7 +234,7 @@ def segmented_view(ctx, predictor, image_path: Path, box, name: str):
     view = SliceView(ctx)
     view.show(volume)
     seg = create_segmentation_for(ctx, volume)
-    sid = get_or_add_segment(seg, "UniUltra")
+    sid = get_or_add_segment(seg, "UniUltra", SEGMENT_COLOR)
     frame = frame_of(volume)
     mask = predict_mask(predictor, frame, boxes=[box])
     write_mask(seg, sid, volume, mask)
@@ -289,7 +290,14 @@ def make_propagate_png(ctx, predictor, data: Path | None, out: Path, record: dic
     view = SliceView(ctx)
     cine.select(0)
     view.show(cine.proxy)
-    seg, sid = ensure_segmentation_sequence(ctx, cine, segment_name="UniUltra")
+    import slicer
+    from UniUltraSegmentLib.segments import get_or_add_segment
+
+    seg = slicer.vtkMRMLSegmentationNode()
+    ctx.scene.AddNode(seg)
+    seg.CreateDefaultDisplayNodes()
+    get_or_add_segment(seg, "UniUltra", SEGMENT_COLOR)
+    seg, sid = ensure_segmentation_sequence(ctx, cine, seg_node=seg, segment_name="UniUltra")
     frames = [frame_of(cine.sequence.GetNthDataNode(i)) for i in range(cine.num_frames)]
     gts = [expert_mask(data, "carotid", CINE_FRAMES[i], f) for i, f in enumerate(frames)]
     current = [np.zeros(f.shape, bool) for f in frames]
