@@ -418,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     if cli_commands is not None:
         cli_commands.add_train_parser(sub)
         cli_commands.add_distill_parser(sub)
+        cli_commands.add_cache_parser(sub)
     return ap
 
 

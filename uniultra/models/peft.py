@@ -92,11 +92,11 @@ def _lora_encoder(trunk: Hiera, rank: int, alpha: float) -> list[nn.Parameter]:
 
 
 def _lora_decoder(sam: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
-    from sam2.modeling.sam.transformer import Attention
-
+    """LoRA on q and v of every attention of the decoder's two-way transformer (SAM2's and
+    SAM's, as in LiteMedSAM: both have q_proj/k_proj/v_proj linears)."""
     params = []
     for mod in sam.sam_mask_decoder.transformer.modules():
-        if isinstance(mod, Attention):
+        if isinstance(getattr(mod, "q_proj", None), nn.Linear) and isinstance(getattr(mod, "v_proj", None), nn.Linear):
             for lin in (mod.q_proj, mod.v_proj):
                 params += add_lora(lin, [(0, lin.out_features)], rank, alpha)
     return params
@@ -154,7 +154,8 @@ def _adapter_encoder(trunk: Hiera, blocks: Iterable[int] | None, reduction: int)
 def _adapter_decoder(sam: nn.Module, n_blocks: int, reduction: int) -> list[nn.Parameter]:
     params = []
     for layer in list(sam.sam_mask_decoder.transformer.layers)[:n_blocks]:
-        params += _attach_adapter_hooks(None, layer.mlp, layer.mlp.layers[-1].out_features, reduction)
+        out_dim = [m for m in layer.mlp.modules() if isinstance(m, nn.Linear)][-1].out_features
+        params += _attach_adapter_hooks(None, layer.mlp, out_dim, reduction)
     return params
 
 

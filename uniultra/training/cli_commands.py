@@ -61,6 +61,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--register", default=None, metavar="NAME", help="register the result in the user model registry")
     p.add_argument("--description", default="")
     p.add_argument("--progress", action=BOOL, default=True, help="progress bar on stderr")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="at most N train images per dataset, evenly spread (default all)")
+    p.add_argument("--embed-cache", default=None, metavar="DIR",
+                   help="reuse a frozen encoder's embeddings from DIR (see `uniultra cache-embeddings`); "
+                        "needs --no-augment")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -122,6 +127,8 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--augment", action=BOOL, default=False)
     p.add_argument("--finetune-steps", type=int, default=0, help="end-to-end fine-tuning steps afterwards")
     p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-loss-weights", default="dice=1,bce=1,iou=1", help="loss of the fine-tuning stage")
+    p.add_argument("--finetune-augment", action=BOOL, default=True, help="augment during fine-tuning")
     p.add_argument("--half", action=BOOL, default=False, help="store the student in fp16")
     p.set_defaults(func=run_distill)
     return p
@@ -166,6 +173,7 @@ def run_train(args) -> int:
         overwrite=args.overwrite, device=args.device, seed=args.seed, amp=args.amp, num_workers=args.num_workers,
         adapter_only=args.adapter_only, final_full=args.full, final_half=args.half, register=args.register,
         name=args.name, description=args.description, progress_bar=args.progress, threads=args.threads,
+        max_images=args.max_images, embed_cache=args.embed_cache,
     )
     if args.image_size is None:
         cfg.image_size = _default_size(cfg.model)
@@ -202,9 +210,73 @@ def run_distill(args) -> int:
         val_every=args.val_every, val_limit=args.val_limit, finetune_steps=args.finetune_steps,
         finetune_lr=args.finetune_lr, device=args.device, seed=args.seed, num_workers=args.num_workers,
         resume=args.resume, overwrite=args.overwrite, register=args.register, half=args.half,
-        progress_bar=args.progress, threads=args.threads,
+        progress_bar=args.progress, threads=args.threads, max_images=args.max_images,
+        embed_cache=args.embed_cache, finetune_loss_weights=args.finetune_loss_weights,
+        finetune_augment=args.finetune_augment,
     )
     return _emit(distill(cfg, progress=True if args.progress else False))
+
+
+def add_cache_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "cache-embeddings", help="compute a frozen encoder's image embeddings once (resumable)",
+        description="Fill the embedding cache that `train --embed-cache`, `distill` and `evaluate "
+                    "--embed-cache` read (see uniultra/models/embed_cache.py). Rerun to continue.")
+    p.add_argument("--model", default="litemedsam", help="registry name or checkpoint (frozen encoder)")
+    p.add_argument("--data", nargs="+", required=True, help="dataset folders (uniform layout)")
+    p.add_argument("--split", nargs="+", default=["train", "val", "test"], help="splits to cache")
+    p.add_argument("--max-images", nargs="+", type=int, default=None, metavar="N",
+                   help="per dataset and split at most N images, evenly spread (one N per --split, or one for all)")
+    p.add_argument("--cache", required=True, metavar="DIR", help="cache folder")
+    p.add_argument("--onnx", action=BOOL, default=True, help="run the encoder through ONNX Runtime (faster on CPU)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=run_cache)
+    return p
+
+
+def run_cache(args) -> int:
+    import math
+
+    import torch
+    from tqdm import tqdm
+
+    from uniultra.data.datasets import UniformDataset
+    from uniultra.models import build_model
+    from uniultra.models.embed_cache import fill
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    caps = args.max_images or [None]
+    if len(caps) not in (1, len(args.split)):
+        raise InputError(f"--max-images: give one number or one per --split ({len(args.split)})")
+    caps = caps * len(args.split) if len(caps) == 1 else caps
+    sets = []
+    for split, cap in zip(args.split, caps):
+        for root in args.data:
+            sets.append(UniformDataset(root, split, max_images=cap))
+    total = sum(len(d) for d in sets)
+    model = build_model(args.model, device="cpu")
+
+    def images():
+        for d in sets:
+            for i, r in enumerate(d.records):
+                yield f"{d.name}/{r.id}", d.load(i)[0]
+
+    bar = tqdm(total=total, unit="img", disable=not sys.stderr.isatty() or total == 0)
+    last = [0]
+
+    def progress(done, n, msg):
+        bar.update(done - last[0])
+        last[0] = done
+        if not bar.disable:
+            return
+        if done == n or done % 25 == 0:
+            print(f"cached {done}/{n} ({math.floor(100 * done / max(n, 1))}%) {msg}", file=sys.stderr, flush=True)
+
+    out = fill(model, args.cache, images(), total, use_onnx=args.onnx, progress=progress)
+    bar.close()
+    print(json.dumps(out))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -213,6 +285,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_distill_parser(sub)
+    add_cache_parser(sub)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

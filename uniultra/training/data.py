@@ -194,12 +194,12 @@ class ValImage:
 
 def val_set(roots, split: str = "val", jitter: float = 0.1, seed: int = 0, limit: int | None = None,
             min_area_frac: float = 0.0) -> list[ValImage]:
-    """Images of ``split`` with box prompts seeded like ``evaluate_dataset`` (box prompts)."""
+    """Images of ``split`` with box prompts seeded like ``evaluate_dataset`` (box prompts); with
+    ``limit``, at most that many per dataset, evenly spread over the split."""
     out = []
     for root in roots:
-        ds = UniformDataset(root, split, min_area_frac=min_area_frac)
-        n = len(ds) if limit is None else min(limit, len(ds))
-        for i in range(n):
+        ds = UniformDataset(root, split, min_area_frac=min_area_frac, max_images=limit)
+        for i in range(len(ds)):
             rec = ds.records[i]
             image, lab = ds.load(i)
             inst = mask_instances(lab, min_area_frac)

@@ -80,6 +80,10 @@ class DistillConfig:
     progress_bar: bool = True
     threads: int | None = None
     extra: dict = field(default_factory=dict)
+    max_images: int | None = None        # per dataset, evenly spread over the train split
+    embed_cache: str | None = None       # the teacher's embeddings from a shared embedding cache
+    finetune_loss_weights: str = "dice=1,bce=1,iou=1"
+    finetune_augment: bool = True
 
 
 # ------------------------------------------------------------------------------------ features
@@ -224,13 +228,22 @@ def build_student(teacher, arch: str, image_size: int, device="cpu"):
     except ValueError:
         is_student = False
     if not is_student:
-        raise InputError(f"--student {arch}: not a student architecture; use uniultra-student-e8/16/24/32/48")
+        raise InputError(f"--student {arch}: not a student architecture; use uniultra-student-e8/16/24/32/48 "
+                         "(or uniultra-student-e16-lm for a LiteMedSAM teacher)")
+    t_family = getattr(teacher.arch, "family", "sam2")
+    s_family = canonical_arch(arch).family
+    if (t_family == "sam2") != (s_family == "sam2"):
+        want = "uniultra-student-e{8,16,24,32,48}-lm (uniultra-mini-lm)" if t_family != "sam2" \
+            else "uniultra-student-e{8,16,24,32,48}"
+        raise InputError(f"--student {arch} cannot reuse the decoder of teacher {teacher.name} ({teacher.arch.name}): "
+                         f"use {want}")
     student = build_model(arch, image_size=image_size, device="cpu", random_init=True)
     st, tt = student.sam, teacher.sam
     st.sam_prompt_encoder.load_state_dict(tt.sam_prompt_encoder.state_dict())
     st.sam_mask_decoder.load_state_dict(tt.sam_mask_decoder.state_dict())
-    with torch.no_grad():
-        st.no_mem_embed.copy_(tt.no_mem_embed)
+    if hasattr(st, "no_mem_embed"):
+        with torch.no_grad():
+            st.no_mem_embed.copy_(tt.no_mem_embed)
     for n, p in st.named_parameters():
         p.requires_grad_(n.startswith("image_encoder."))
     student.peft = {"method": "ch-adapter", "scope": "encoder+decoder", "options": {},
@@ -281,6 +294,16 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
     teacher.eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cfg.embed_cache:
+        from uniultra.models.embed_cache import attach
+
+        if cfg.augment:
+            raise InputError("--embed-cache needs --no-augment: cached embeddings belong to fixed images")
+        attach(teacher, cfg.embed_cache)
+    if cfg.level_terms and not hasattr(teacher.sam.image_encoder, "trunk"):
+        say(f"note: {teacher.arch.name} has no Hiera trunk, so the block/adapter/sum level terms do not apply: "
+            "distilling the image embedding its decoder reads")
+        cfg.level_terms = False
     _seed_all(cfg.seed)
     student = build_student(teacher, cfg.student, S, device)
     t_blocks = stage_end_blocks(teacher.sam.image_encoder.trunk)
@@ -293,7 +316,7 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
     proj.to(device)
 
     roots = expand_data_dirs(cfg.data)
-    splits = [UniformDataset(r, "train") for r in roots]
+    splits = [UniformDataset(r, "train", max_images=cfg.max_images) for r in roots]
     sources = [CachedSource(ds) for ds in splits]
     if cfg.augment:
         sources = [AugmentedSource(src, cfg.seed, size=S) for src in sources]
@@ -455,6 +478,8 @@ def distill(config: DistillConfig, progress: Callable | bool | None = None, canc
                                lr=cfg.finetune_lr, optimizer="adamw", schedule="cosine", device=cfg.device,
                                seed=cfg.seed, adapter_only=False, overwrite=True, resume=cfg.resume,
                                val_limit=cfg.val_limit, num_workers=cfg.num_workers,
+                               loss_weights=cfg.finetune_loss_weights, augment=cfg.finetune_augment,
+                               max_images=cfg.max_images, threads=cfg.threads,
                                progress_bar=cfg.progress_bar), progress=progress, cancel=cancel, log=log)
         result["finetune"] = ft
         if ft.get("model"):

@@ -119,6 +119,8 @@ class TrainConfig:
     log_every: int = 10
     progress_bar: bool = True
     threads: int | None = None
+    max_images: int | None = None         # per dataset, evenly spread over the train split
+    embed_cache: str | None = None        # reuse a frozen encoder's embeddings (embed_cache.py)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -467,7 +469,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
     roots = expand_data_dirs(cfg.data)
     splits = []
     for r in roots:
-        ds = UniformDataset(r, "train", min_area_frac=cfg.min_area_frac)
+        ds = UniformDataset(r, "train", min_area_frac=cfg.min_area_frac, max_images=cfg.max_images)
         if len(ds) == 0:
             raise InputError(f"--data {r}: no images in the train split (split.csv); check the dataset")
         splits.append(ds)
@@ -518,6 +520,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, progress, c
         if p.requires_grad and n not in used:
             p.requires_grad_(False)  # unused in single-image training (memory modules)
     model.to(device)
+    if cfg.embed_cache:
+        from uniultra.models.embed_cache import attach
+
+        if cfg.augment:
+            raise InputError("--embed-cache needs --no-augment: cached embeddings belong to fixed images")
+        attach(model, cfg.embed_cache)
     trainable = [(n, p) for n, p in model.sam.named_parameters() if p.requires_grad]
     if not trainable:
         raise InputError(f"--peft {cfg.peft}: nothing to train")

