@@ -144,6 +144,11 @@ def test_bad_manifest_files(capsys, ckpt, tmp_path):
                    (tmp_path / "none.csv", "does not exist")]:
         code, _, err = run(capsys, "batch", m, "--out-dir", tmp_path / "out", "--model", ckpt)
         assert code == 2 and msg in err and err.count("\n") == 1, err
+    (tmp_path / "ok.csv").write_text("clip,x0,y0,x1,y1\nclip.seq.nrrd,1,2,3,4\n")
+    code, _, err = run(capsys, "batch", tmp_path / "ok.csv", "--out-dir", tmp_path / "out", "--model", tmp_path / "no.pt",
+                       "--events", tmp_path / "ev.jsonl")
+    assert code == 2 and "no.pt" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ev.jsonl").exists()
     with pytest.raises(InputError, match="--shard 2/2"):
         parse_shard("2/2")
 

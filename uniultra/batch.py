@@ -389,6 +389,27 @@ def _jsonable(v):
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+class _LazyAppend:
+    """An append-mode text file opened at the first write (a run refused up front writes nothing)."""
+
+    def __init__(self, path: Path):
+        self.path, self._f = path, None
+
+    def write(self, text: str) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+        self._f.write(text)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 # ============================================================================== one clip
 def read_clip(job: ClipJob) -> tuple[list[np.ndarray], tuple[float, float]]:
     """Frames of a clip (file, folder of frames or glob) and its pixel spacing (x, y) in mm."""
@@ -770,23 +791,23 @@ def run_batch(jobs: Sequence[ClipJob], out_dir, load_predictor: Callable[[str | 
     clip in progress leaves nothing) if ``cancel()`` turns true or on SIGINT/SIGTERM in the caller."""
     opts = opts or Options()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     worker = worker or f"{socket.gethostname()}:{os.getpid()}"
     since = time.time() if redo else None
     mine = shard_jobs(jobs, *shard)
     fps = {j.name: j.fingerprint(opts.fingerprint()) for j in mine}
     todo = [j for j in mine if clip_status(out_dir, j, fps[j.name], since) != "done"]
     res = RunResult(skipped=len(mine) - len(todo))
-    emit_event(events, "run_start", worker=worker, clips=len(jobs), shard=list(shard), mine=len(mine),
-               todo=len(todo), skipped=res.skipped, out_dir=str(out_dir))
     predictors = {}
-    for j in todo:  # every model once, before any work
+    for j in todo:  # every model once, before any work (a bad model leaves nothing behind)
         if j.model not in predictors:
             try:
                 predictors[j.model] = load_predictor(j.model)
             except InputError as e:
                 where = f"{j.source} line {j.line}: " if j.model else ""
                 raise InputError(f"{where}{e}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    emit_event(events, "run_start", worker=worker, clips=len(jobs), shard=list(shard), mine=len(mine),
+               todo=len(todo), skipped=res.skipped, out_dir=str(out_dir))
     bar = _Progress(len(todo), progress)
     t_run = time.monotonic()
     try:
@@ -961,6 +982,8 @@ def cmd_batch(args) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out-dir {out_dir} is a file, not a folder")
     if args.summary:
+        if not out_dir.is_dir():
+            raise InputError(f"--out-dir {out_dir} does not exist: no worker has written there yet")
         t = write_summary(jobs, out_dir, opts)
         print(f"{t['done']} of {t['clips']} clips done, {t['failed']} failed, {t['todo']} to do "
               f"({t['frames']} frames); {out_dir / 'summary.csv'}")
@@ -978,9 +1001,7 @@ def cmd_batch(args) -> int:
     if args.events == "-":
         events = sys.stdout
     elif args.events:
-        ev = Path(args.events.replace("%a", str(shard[0])))
-        ev.parent.mkdir(parents=True, exist_ok=True)
-        events = open(ev, "a", encoding="utf-8")
+        events = _LazyAppend(Path(args.events.replace("%a", str(shard[0]))))
 
     def on_term(signum, frame):
         raise Cancelled("terminated")
@@ -989,7 +1010,8 @@ def cmd_batch(args) -> int:
     try:
         res = run_batch(jobs, out_dir, load, opts, shard, args.redo, events)
     except (Cancelled, KeyboardInterrupt):
-        write_summary(jobs, out_dir, opts)
+        if out_dir.is_dir():
+            write_summary(jobs, out_dir, opts)
         emit_event(events, "run_cancelled")
         print("uniultra: cancelled; finished clips are kept and the clip in progress left nothing: "
               "rerun the same command to resume", file=sys.stderr)
