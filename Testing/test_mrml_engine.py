@@ -1,4 +1,4 @@
-"""The Slicer logic driving the real engine (a small random model) on real MRML nodes."""
+"""The interaction controller driving the real engine (a small random model) on real MRML nodes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from mrml_fixtures import AXIAL, make_volume, mrml_context, slice_to_ras
-from UniUltraSegmentLib.engine import load_predictor, make_propagate, predict_mask
-from UniUltraSegmentLib.logic import ViewTarget, apply_frame_mask, run_propagation
+from UniUltraSegmentLib.controller import InteractionController, ViewEvent
+from UniUltraSegmentLib.engine import PredictorEngine, load_predictor
+from UniUltraSegmentLib.geometry import slice_geometry
 from UniUltraSegmentLib.segments import (
     SegmentEditor,
     create_segmentation_for,
@@ -30,25 +31,32 @@ def ckpt(tmp_path_factory):
 
 
 def test_effect_pipeline_with_the_engine(ctx, ckpt):
+    """The controller the effect runs, with the real engine (a small random model) behind it."""
     rng = np.random.default_rng(0)
     vol = make_volume(ctx, rng.integers(0, 255, (5, 40, 48)).astype(np.uint8), np.diag([-0.3, -0.3, 2.0, 1.0]))
     seg = create_segmentation_for(ctx, vol)
     sid = get_or_add_segment(seg, "lesion")
     editor = SegmentEditor(ctx)
     editor.configure(seg, vol, sid)
-    target = ViewTarget.from_view(ctx, vol, slice_to_ras(AXIAL, 2 * 2.0))
-    assert target.current_index == 2
-    predictor = load_predictor(ckpt, "cpu")
-    mask = predict_mask(predictor, target.frame(), boxes=[(5, 5, 30, 25)])
+    engine = PredictorEngine(load_predictor(ckpt, "cpu"))
+    c = InteractionController(ctx, editor.node, editor, lambda: engine)
+    s2r = slice_to_ras(AXIAL, 2 * 2.0)
+    g = slice_geometry(vol, s2r)
+    assert g.index == 2
+    c.press(ViewEvent("Red", s2r, None, tuple(g.pixel_to_ras(5, 5)), (0, 0)))
+    r = c.release(ViewEvent("Red", s2r, None, tuple(g.pixel_to_ras(30, 25)), (50, 40)))
+    assert not r.error, r.status
+    mask = c.preview_mask()
     assert mask.shape == (40, 48) and mask.dtype == bool
-    apply_frame_mask(editor, target, seg, sid, mask)
+    c.apply()
     assert np.array_equal(segment_array(seg, sid, vol)[2] > 0, mask)
     editor.undo()
     assert segment_array(seg, sid, vol).sum() == 0
+    c.press(ViewEvent("Red", s2r, None, tuple(g.pixel_to_ras(5, 5)), (0, 0)))
+    c.release(ViewEvent("Red", s2r, None, tuple(g.pixel_to_ras(30, 25)), (50, 40)))
     seen = []
-    run_propagation(ctx, editor, target, seg, sid, {2: [(5, 5, 30, 25)]}, make_propagate(predictor),
-                    progress=seen.append)
-    assert seen and seen[-1] == pytest.approx(1.0) and all(0 <= s <= 1 for s in seen)
+    r = c.propagate(progress=seen.append)
+    assert not r.error, r.status
+    assert seen and seen[-1] == pytest.approx(1.0) and all(0 <= x <= 1 for x in seen)
     assert (segment_array(seg, sid, vol)[2] > 0).any() or not mask.any()
-    assert run_propagation(ctx, editor, target, seg, sid, {2: [(5, 5, 30, 25)]}, make_propagate(predictor),
-                           cancel=lambda: True) is None
+    c.close()

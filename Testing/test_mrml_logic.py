@@ -1,11 +1,19 @@
-"""The propagation driver and prompt handling on real MRML nodes, with a stand-in engine."""
+"""The interaction controller the effect runs, driven by plain events on real MRML nodes.
+
+The effect (SegmentEditorUniUltraLib/SegmentEditorEffect.py) turns PythonQt/VTK events into exactly
+these calls (press/move/release/key, apply, undo_prompt, propagate); here the writer is the
+`vtkSlicerSegmentEditorLogic` route, which is what `scriptedEffect.modifySegmentByLabelmap` calls
+in Slicer >= 5.10.  The engine is a stand-in with the engine's call shapes.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from mrml_fixtures import AXIAL, CORONAL, make_volume, mrml_context, slice_to_ras
-from UniUltraSegmentLib.logic import Prompts, ViewTarget, apply_frame_mask, run_propagation, validate_box
+from mrml_fixtures import AXIAL, CORONAL, SAGITTAL, make_volume, mrml_context, slice_to_ras
+from UniUltraSegmentLib.controller import PREVIEW_NAME, InteractionController, ViewEvent
+from UniUltraSegmentLib.geometry import slice_geometry
+from UniUltraSegmentLib.logic import ViewTarget, validate_box
 from UniUltraSegmentLib.segments import (
     SegmentEditor,
     create_segmentation_for,
@@ -16,89 +24,333 @@ from UniUltraSegmentLib.sequences import cine_frame_masks, create_cine, ensure_s
 
 pytestmark = pytest.mark.mrml
 ctx = pytest.fixture(mrml_context)
+_controllers = []
 
 
-def fake_propagate(frames, key_boxes, direction="both", progress=None, cancel=None):
-    """Same call shape as uniultra.inference.propagation.propagate with a predictor bound:
-    each frame gets the key box (shifted by one pixel per frame) as its mask."""
-    (k, boxes), = key_boxes.items()
-    x0, y0, x1, y1 = boxes[0]
-    out = []
-    for i, f in enumerate(frames):
-        if cancel is not None and cancel():
-            break
-        if (direction == "forward" and i < k) or (direction == "backward" and i > k):
-            out.append(None)
-        else:
-            m = np.zeros(f.shape[:2], bool)
-            d = i - k
-            m[y0 : y1 + 1, max(x0 + d, 0) : max(x1 + d + 1, 0)] = True
-            out.append(m)
-        if progress is not None:
-            progress((i + 1) / len(frames))
-    return out + [None] * (len(frames) - len(out))
+@pytest.fixture(autouse=True)
+def _close_controllers():
+    yield
+    while _controllers:
+        _controllers.pop().close()  # what the effect's cleanup() does
 
 
-def test_3d_propagation_writes_each_slice_one_undo(ctx):
-    m = np.array([[0, 0, 1.5, 0], [-0.7, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 1]], float)
-    vol = make_volume(ctx, np.random.default_rng(0).integers(0, 100, (10, 8, 6)).astype(np.int16), m)
+class BoxEngine:
+    """Stand-in model: the mask is the union of the boxes, plus a 3x3 square at each positive point,
+    minus the pixel of each negative point.  Propagation shifts the key box one pixel per frame."""
+
+    def __init__(self):
+        self.images = []
+
+    def predict(self, image, boxes, points, labels):
+        self.images.append(np.array(image))
+        m = np.zeros(image.shape[:2], bool)
+        for x0, y0, x1, y1 in boxes:
+            m[y0 : y1 + 1, x0 : x1 + 1] = True
+        for (x, y), lab in zip(points, labels):
+            if lab:
+                m[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = True
+        for (x, y), lab in zip(points, labels):
+            if not lab:
+                m[y, x] = False
+        return m
+
+    def propagate(self, frames, key_boxes, direction="both", progress=None, cancel=None):
+        (k, boxes), = sorted(key_boxes.items())[:1]
+        x0, y0, x1, y1 = boxes[0]
+        out = []
+        for i, f in enumerate(frames):
+            if cancel is not None and cancel():
+                return [None] * len(frames)
+            if (direction == "forward" and i < k) or (direction == "backward" and i > k):
+                out.append(None)
+            else:
+                m = np.zeros(f.shape[:2], bool)
+                d = i - k
+                m[y0 : y1 + 1, max(x0 + d, 0) : max(x1 + d + 1, 0)] = True
+                out.append(m)
+            if progress is not None:
+                progress((i + 1) / len(frames))
+        return out
+
+
+def _setup(ctx, vol, segment="lesion"):
     seg = create_segmentation_for(ctx, vol)
-    sid = get_or_add_segment(seg, "lesion")
+    sid = get_or_add_segment(seg, segment)
     editor = SegmentEditor(ctx)
     editor.configure(seg, vol, sid)
-    target = ViewTarget.from_view(ctx, vol, slice_to_ras(CORONAL, 0.0 - 0.7 * 3))  # A = -0.7 i -> i = 3
-    assert not target.is_cine and target.current_index == 3
-    seen = []
-    n = run_propagation(ctx, editor, target, seg, sid, {3: [(1, 1, 3, 4)]}, fake_propagate, "forward", seen.append)
-    assert n == target.geometry.dims[target.geometry.axis] - 3
-    assert seen and seen[-1] == pytest.approx(1.0)
-    arr = segment_array(seg, sid, vol)
-    frames = target.geometry.frames_from_array(arr)
-    expected = fake_propagate(frames, {3: [(1, 1, 3, 4)]}, "forward")
+    engine = BoxEngine()
+    asked = []
+
+    def confirm(question):
+        asked.append(question)
+        return True
+
+    c = InteractionController(ctx, editor.node, editor, lambda: engine, confirm)
+    c.asked = asked
+    _controllers.append(c)
+    c.engine = engine
+    return seg, sid, editor, c
+
+
+def _event(geom, s2r, col, row, view="Red", xy=None):
+    return ViewEvent(view, s2r, None, tuple(geom.pixel_to_ras(col, row)), xy)
+
+
+def drag(c, geom, s2r, a, b, view="Red"):
+    """A left-button drag from pixel a to pixel b (display xy far apart)."""
+    c.press(_event(geom, s2r, *a, view, (0, 0)))
+    assert c.move(_event(geom, s2r, *b, view, (40, 30))).rubber_band == ((0, 0), (40, 30))
+    return c.release(_event(geom, s2r, *b, view, (40, 30)))
+
+
+def click(c, geom, s2r, p, view="Red"):
+    c.press(_event(geom, s2r, *p, view, (10, 10)))
+    return c.release(_event(geom, s2r, *p, view, (11, 10)))
+
+
+def test_2d_grey_box_point_preview_apply_undo(ctx):
+    img = np.arange(20 * 30, dtype=np.uint16).reshape(1, 20, 30) % 200
+    vol = make_volume(ctx, img, np.diag([-0.25, -0.25, 1.0, 1.0]))
+    seg, sid, editor, c = _setup(ctx, vol)
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    r = drag(c, g, s2r, (20, 3), (4, 15))
+    assert r.handled and not r.error and c.prompts()[0].value == (4, 3, 20, 15)
+    assert np.array_equal(c.engine.images[-1], g.frame_from_array(img))
+    box = c.preview_mask().copy()
+    # a click is a positive point; 'n' makes the next click negative; 'x' removes the last prompt
+    click(c, g, s2r, (25, 10))
+    assert c.prompts()[-1].kind == "point" and c.prompts()[-1].label == 1
+    assert c.preview_mask()[10, 25] and c.preview_mask().sum() > box.sum()
+    assert c.key("n").handled and c.negative_mode
+    click(c, g, s2r, (5, 5))
+    assert c.prompts()[-1].label == 0 and not c.preview_mask()[5, 5]
+    assert c.key("x").handled and len(c.prompts()) == 2
+    assert c.key("x").handled and np.array_equal(c.preview_mask(), box)
+    # modifier keys stay Slicer's (Shift+drag pans, Shift+move moves the crosshair)
+    assert not c.press(_event(g, s2r, 1, 1), shift=True).handled
+    # the preview exists, is hidden from editors, and is not saved with the scene
+    preview = ctx.scene.GetFirstNodeByName(PREVIEW_NAME)
+    assert preview is not None and not preview.GetSaveWithScene()
+    ctx.scene.SetSaveToXMLString(1)
+    ctx.scene.Commit()
+    assert PREVIEW_NAME not in ctx.scene.GetSceneXMLString()
+    # Enter applies: one undo step, the preview goes away
+    r = c.key("Return")
+    assert r.handled and not r.error
+    assert np.array_equal(segment_array(seg, sid, vol)[0] > 0, box)
+    assert ctx.scene.GetFirstNodeByName(PREVIEW_NAME) is None and not c.has_prompts
+    editor.undo()
+    assert segment_array(seg, sid, vol).sum() == 0
+
+
+def test_rgb_image(ctx):
+    rgb = np.random.default_rng(1).integers(0, 255, (1, 12, 16, 3), dtype=np.uint8)
+    vol = make_volume(ctx, rgb, np.diag([-0.3, -0.3, 1.0, 1.0]), rgb=True)
+    seg, sid, editor, c = _setup(ctx, vol)
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    drag(c, g, s2r, (2, 2), (9, 7))
+    assert c.engine.images[-1].shape == (12, 16, 3)
+    assert np.array_equal(c.engine.images[-1], g.frame_from_array(rgb))
+    c.apply()
+    want = np.zeros((12, 16), bool)
+    want[2:8, 2:10] = True
+    assert np.array_equal(g.frame_from_array(segment_array(seg, sid, vol)) > 0, want)
+
+
+M3D = np.array([[0, 0, 1.5, 0], [-0.7, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 1]], float)  # permuted axes
+
+
+@pytest.mark.parametrize("orientation", [AXIAL, SAGITTAL, CORONAL], ids=["axial", "sagittal", "coronal"])
+def test_3d_volume_every_orientation(ctx, orientation):
+    arr = np.random.default_rng(0).integers(0, 100, (10, 8, 6)).astype(np.int16)
+    vol = make_volume(ctx, arr, M3D)
+    seg, sid, editor, c = _setup(ctx, vol)
+    n = orientation[:, 2]
+    axis = int(np.argmax(np.abs(M3D[:3, :3].T @ n)))
+    ijk = np.array([0, 0, 0, 1.0])
+    ijk[axis] = 2
+    s2r = slice_to_ras(orientation, n @ (M3D @ ijk)[:3])
+    g = slice_geometry(vol, s2r)
+    assert g.index == 2
+    h, w = g.shape
+    drag(c, g, s2r, (0, 0), (w // 2, h // 2))
+    assert np.array_equal(c.engine.images[-1], g.frame_from_array(arr, 2))
+    c.apply()
+    full = segment_array(seg, sid, vol)
+    expected = np.zeros((h, w), bool)
+    expected[: h // 2 + 1, : w // 2 + 1] = True
+    assert np.array_equal(g.frame_from_array(full, 2) > 0, expected) and full.sum() == expected.sum()
+
+
+def test_cine_prompt_then_scrub_then_apply_writes_the_prompts_frame(ctx):
+    frames = [np.full((10, 12), 10 * i, np.uint8) for i in range(6)]
+    cine = create_cine(ctx, frames)
+    seg, sid, editor, c = _setup(ctx, cine.proxy)
+    get_or_add_segment(seg, "existing")
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(cine.proxy, s2r)
+    cine.select(2)
+    drag(c, g, s2r, (2, 2), (5, 5))
+    assert c.prompts()[0].frame == 2 and c.engine.images[-1][0, 0] == 20
+    cine.select(4)  # scrub away before applying
+    target_now = ViewTarget.from_view(ctx, cine.proxy, s2r)
+    assert target_now.current_index == 4  # a new target sees the new frame; the prompt keeps its own
+    r = c.apply()
+    assert not r.error, r.status
+    assert len(c.asked) == 1 and "every existing segment" in c.asked[0]  # explicit, confirmed conversion
+    assert cine.current_frame == 4  # the user's frame is shown again
+    masks = cine_frame_masks(cine, seg, sid, g)
+    want = np.zeros((10, 12), bool)
+    want[2:6, 2:6] = True
+    assert np.array_equal(masks[2], want) and sum(m.sum() for m in masks) == want.sum()
+    # per-apply undo of a cine write
+    assert c.undo_cine_write().handled
+    assert sum(m.sum() for m in cine_frame_masks(cine, seg, sid, g)) == 0
+    # the existing segment survived the conversion on every frame
+    assert all(seg.GetSegmentation().GetSegmentIdBySegmentName("existing") for _ in range(1))
+    seq = cine.browser.GetSequenceNode(seg)
+    assert all(seq.GetNthDataNode(i).GetSegmentation().GetSegmentIdBySegmentName("existing")
+               for i in range(seq.GetNumberOfDataNodes()))
+
+
+def test_declined_conversion_writes_nothing(ctx):
+    cine = create_cine(ctx, [np.zeros((8, 8), np.uint8)] * 3)
+    seg, sid, editor, c = _setup(ctx, cine.proxy)
+    c.confirm = lambda q: False
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(cine.proxy, s2r)
+    drag(c, g, s2r, (1, 1), (4, 4))
+    r = c.apply()
+    assert r.error and cine.browser.GetSequenceNode(seg) is None
+    assert segment_array(seg, sid, cine.proxy).sum() == 0
+
+
+def test_masking_modes_apply_to_the_effects_writes(ctx):
+    arr = (np.arange(12 * 16).reshape(1, 12, 16) % 40).astype(np.int16)
+    vol = make_volume(ctx, arr)
+    seg, sid, editor, c = _setup(ctx, vol)
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    frame = g.frame_from_array(arr)
+    editor.set_masking(intensity_range=(10, 30))
+    drag(c, g, s2r, (0, 0), (15, 11))
+    c.apply()
+    assert np.array_equal(g.frame_from_array(segment_array(seg, sid, vol)) > 0, (frame >= 10) & (frame <= 30))
+    editor.undo()
+    roi = get_or_add_segment(seg, "roi")
+    editor.node.SetSelectedSegmentID(roi)
+    drag(c, g, s2r, (0, 0), (5, 5))
+    c.apply()
+    editor.node.SetSelectedSegmentID(sid)
+    editor.set_masking("inside_segment", mask_segment_id=roi, overwrite="none")
+    drag(c, g, s2r, (3, 3), (10, 10))
+    c.apply()
+    got = g.frame_from_array(segment_array(seg, sid, vol)) > 0
+    want = np.zeros_like(got)
+    want[3:6, 3:6] = True
+    assert np.array_equal(got, want & (frame >= 10) & (frame <= 30))
+
+
+def test_oversampled_segmentation_geometry(ctx):
+    """Modifier labelmaps are resampled into the segmentation's own (here 2x finer) geometry:
+    with the intensity range on, Slicer's ModifySegmentByLabelmap drops any other geometry."""
+    arr = (np.arange(10 * 12).reshape(1, 10, 12) % 50).astype(np.int16)
+    vol = make_volume(ctx, arr, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    seg, sid, editor, c = _setup(ctx, vol)
+    fine = make_volume(ctx, np.zeros((1, 20, 24), np.int16), np.array(
+        [[-0.5, 0, 0, 0.25], [0, -0.5, 0, 0.25], [0, 0, 1, 0], [0, 0, 0, 1.0]]), name="fine")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(fine)
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    editor.set_masking(intensity_range=(0, 1000))
+    drag(c, g, s2r, (2, 2), (6, 5))
+    c.apply()
+    got = g.frame_from_array(segment_array(seg, sid, vol)) > 0
+    assert got[2:6, 2:7].all() and got.sum() == 4 * 5
+
+
+def test_3d_propagation_replaces_covered_slices_one_undo_and_captured_target(ctx):
+    arr = np.random.default_rng(0).integers(0, 100, (10, 8, 6)).astype(np.int16)
+    vol = make_volume(ctx, arr, M3D)
+    seg, sid, editor, c = _setup(ctx, vol)
+    other = get_or_add_segment(seg, "other")
+    s2r = slice_to_ras(CORONAL, -0.7 * 3)  # A = -0.7 i -> i = 3
+    g = slice_geometry(vol, s2r)
+    assert g.index == 3
+    drag(c, g, s2r, (1, 1), (3, 4))
+    seen, pumped = [], []
+
+    def pump():  # the effect's slicer.app.processEvents(): the user picks another segment meanwhile
+        pumped.append(1)
+        editor.node.SetSelectedSegmentID(other)
+
+    r = c.propagate("forward", seen.append, pump)
+    assert not r.error, r.status
+    assert seen[-1] == pytest.approx(1.0) and len(pumped) == g.dims[g.axis]
+    assert segment_array(seg, other, vol).sum() == 0  # written to the segment captured at the first prompt
+    full = segment_array(seg, sid, vol)
+    frames = g.frames_from_array(full)
+    expected = c.engine.propagate(frames, {3: [(1, 1, 3, 4)]}, "forward")
     for f, e in zip(frames, expected):
         assert np.array_equal(f > 0, e if e is not None else np.zeros_like(f, bool))
     editor.undo()
     assert segment_array(seg, sid, vol).sum() == 0
 
 
-def test_cine_propagation_and_cancel(ctx):
+def test_cine_repropagation_replaces_only_covered_frames_and_cancel(ctx):
     frames = [np.full((10, 12), i, np.uint8) for i in range(6)]
     cine = create_cine(ctx, frames)
-    seg, sid = ensure_segmentation_sequence(ctx, cine)
-    editor = SegmentEditor(ctx)
-    editor.configure(seg, cine.proxy, sid)
+    seg, sid, editor, c = _setup(ctx, cine.proxy)
+    seg, sid = ensure_segmentation_sequence(ctx, cine, seg, "lesion")
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(cine.proxy, s2r)
     cine.select(2)
-    target = ViewTarget.from_view(ctx, cine.proxy, slice_to_ras(AXIAL, 0.0))
-    assert target.is_cine and target.current_index == 2
-    assert np.array_equal(target.frame(), frames[2])
-    assert run_propagation(ctx, editor, target, seg, sid, {2: [(2, 2, 5, 5)]}, fake_propagate, cancel=lambda: True) is None
-    assert sum(m.sum() for m in cine_frame_masks(cine, seg, sid, target.geometry)) == 0
-    edit = run_propagation(ctx, editor, target, seg, sid, {2: [(2, 2, 5, 5)]}, fake_propagate)
-    assert edit.frames_written == list(range(6))
-    got = cine_frame_masks(cine, seg, sid, target.geometry)
-    want = fake_propagate(frames, {2: [(2, 2, 5, 5)]})
-    assert all(np.array_equal(a, b) for a, b in zip(got, want))
-    edit.undo(ctx)
-    assert sum(m.sum() for m in cine_frame_masks(cine, seg, sid, target.geometry)) == 0
+    drag(c, g, s2r, (2, 2), (5, 5))
+    # Stop pressed during the run: nothing written
+    r = c.propagate(pump=c.cancel)
+    assert "nothing was written" in r.status
+    assert sum(m.sum() for m in cine_frame_masks(cine, seg, sid, g)) == 0
+    r = c.propagate()
+    assert not r.error, r.status
+    first = cine_frame_masks(cine, seg, sid, g)
+    assert all(m.any() for m in first)
+    # a correction on frame 4, propagated forward: frames 0-3 keep the first run's masks
+    cine.select(4)
+    drag(c, g, s2r, (6, 1), (9, 3))
+    r = c.propagate("forward")
+    assert not r.error, r.status
+    second = cine_frame_masks(cine, seg, sid, g)
+    for i in range(4):
+        assert np.array_equal(second[i], first[i])
+    for i in (4, 5):
+        want = np.zeros((10, 12), bool)
+        want[1:4, 6 + i - 4 : 10 + i - 4] = True
+        assert np.array_equal(second[i], want)
+    assert c.undo_cine_write().handled
+    assert all(np.array_equal(a, b) for a, b in zip(cine_frame_masks(cine, seg, sid, g), first))
 
 
-def test_prompts_from_clicks_and_single_apply(ctx):
-    img = np.zeros((1, 20, 30), np.uint8)
-    vol = make_volume(ctx, img, np.diag([-0.25, -0.25, 1.0, 1.0]))
-    target = ViewTarget.from_view(ctx, vol, slice_to_ras(AXIAL, 0.0))
-    g = target.geometry
-    pr = Prompts()
-    assert pr.add_box_ras(g, g.pixel_to_ras(20, 3), g.pixel_to_ras(4, 15)) == (4, 3, 20, 15)
-    pr.add_point_ras(g, g.pixel_to_ras(7, 8) + 0.05, positive=False)
-    assert pr.points == [(7, 8)] and pr.labels == [0]
-    seg = create_segmentation_for(ctx, vol)
-    sid = get_or_add_segment(seg, "lesion")
-    editor = SegmentEditor(ctx)
-    editor.configure(seg, vol, sid)
-    mask = np.zeros((20, 30), bool)
-    mask[3:16, 4:21] = True
-    apply_frame_mask(editor, target, seg, sid, mask)
-    assert np.array_equal(segment_array(seg, sid, vol)[0] > 0, mask)
+def test_preview_removed_on_cancel_source_change_scene_close(ctx):
+    vol = make_volume(ctx, np.zeros((1, 8, 8), np.uint8))
+    seg, sid, editor, c = _setup(ctx, vol)
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    drag(c, g, s2r, (1, 1), (4, 4))
+    assert ctx.scene.GetFirstNodeByName(PREVIEW_NAME) is not None
+    c.reset()
+    assert ctx.scene.GetFirstNodeByName(PREVIEW_NAME) is None and not c.has_prompts
+    drag(c, g, s2r, (1, 1), (4, 4))
+    other = make_volume(ctx, np.zeros((1, 8, 8), np.uint8), name="other")
+    editor.node.SetAndObserveSourceVolumeNode(other)
+    c.source_changed()
+    assert ctx.scene.GetFirstNodeByName(PREVIEW_NAME) is None and not c.has_prompts
+    editor.node.SetAndObserveSourceVolumeNode(vol)
+    drag(c, g, s2r, (1, 1), (4, 4))
+    ctx.scene.Clear(0)
+    assert c.session is None and c.preview_node is None
+    c.close()
 
 
 def test_errors_speak_to_the_user(ctx):
@@ -109,3 +361,10 @@ def test_errors_speak_to_the_user(ctx):
     assert validate_box((-5, -5, 10, 1000), (100, 500)) == (0, 0, 10, 99)
     with pytest.raises(ValueError, match="source volume"):
         ViewTarget.from_view(ctx, None, np.eye(4))
+    vol = make_volume(ctx, np.zeros((1, 8, 8), np.uint8))
+    seg, sid, editor, c = _setup(ctx, vol)
+    c.get_engine = lambda: None
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    r = drag(c, g, s2r, (1, 1), (4, 4))
+    assert r.error and "not available" in r.status and not c.has_prompts

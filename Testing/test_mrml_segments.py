@@ -12,6 +12,7 @@ from UniUltraSegmentLib.segments import (
     get_or_add_segment,
     segment_array,
     segment_frame,
+    write_masks,
 )
 
 pytestmark = pytest.mark.mrml
@@ -47,7 +48,7 @@ def test_mask_lands_on_the_shown_slice(ctx, orientation):
     arr, vol, geom, seg, sid, editor = _setup(ctx, orientation, index=2)
     h, w = geom.shape
     mask = _box_mask((h, w), (1, 0, w // 2, h - 2))
-    editor.write_frame_mask(seg, sid, geom, mask)
+    write_masks(editor, seg, sid, geom, {geom.index: mask})
     full = segment_array(seg, sid, vol)
     assert full.sum() == mask.sum()  # nothing written elsewhere
     assert np.array_equal(geom.frame_from_array(full) > 0, mask)
@@ -62,8 +63,8 @@ def test_boxes_union_and_each_apply_undoes(ctx):
     _, vol, geom, seg, sid, editor = _setup(ctx)
     a = _box_mask(geom.shape, (0, 0, 2, 2))
     b = _box_mask(geom.shape, (2, 2, 4, 4))
-    editor.write_frame_mask(seg, sid, geom, a)
-    editor.write_frame_mask(seg, sid, geom, b)
+    write_masks(editor, seg, sid, geom, {geom.index: a})
+    write_masks(editor, seg, sid, geom, {geom.index: b})
     assert np.array_equal(segment_frame(seg, sid, vol, geom), a | b)
     editor.undo()
     assert np.array_equal(segment_frame(seg, sid, vol, geom), a)
@@ -78,16 +79,16 @@ def test_editable_area_inside_segment_and_overwrite(ctx):
     roi = get_or_add_segment(seg, "roi")
     assert get_or_add_segment(seg, "roi") == roi  # no stray duplicates
     roi_mask = _box_mask(geom.shape, (0, 0, 3, 3))
-    editor.write_frame_mask(seg, roi, geom, roi_mask)
+    write_masks(editor, seg, roi, geom, {geom.index: roi_mask})
     editor.set_masking("inside_segment", mask_segment_id=roi, overwrite="none")
     big = _box_mask(geom.shape, (2, 2, 6, 6))
-    editor.write_frame_mask(seg, sid, geom, big)
+    write_masks(editor, seg, sid, geom, {geom.index: big})
     assert np.array_equal(segment_frame(seg, sid, vol, geom), big & roi_mask)
     assert np.array_equal(segment_frame(seg, roi, vol, geom), roi_mask)  # overwrite none: roi kept
     # outside all segments: only the free pixels of `big` are taken
     editor.undo()
     editor.set_masking("outside_all", overwrite="all")
-    editor.write_frame_mask(seg, sid, geom, big)
+    write_masks(editor, seg, sid, geom, {geom.index: big})
     assert np.array_equal(segment_frame(seg, sid, vol, geom), big & ~roi_mask)
 
 
@@ -95,10 +96,10 @@ def test_overwrite_all_removes_from_other_segments(ctx):
     _, vol, geom, seg, sid, editor = _setup(ctx)
     other = get_or_add_segment(seg, "other")
     o = _box_mask(geom.shape, (0, 0, 3, 3))
-    editor.write_frame_mask(seg, other, geom, o)
+    write_masks(editor, seg, other, geom, {geom.index: o})
     editor.set_masking("everywhere", overwrite="all")
     b = _box_mask(geom.shape, (2, 2, 5, 5))
-    editor.write_frame_mask(seg, sid, geom, b)
+    write_masks(editor, seg, sid, geom, {geom.index: b})
     assert np.array_equal(segment_frame(seg, other, vol, geom), o & ~b)
 
 
@@ -107,18 +108,18 @@ def test_editable_intensity_range(ctx):
     frame = geom.frame_from_array(arr)
     editor.set_masking(intensity_range=(10, 30))
     everything = np.ones(geom.shape, bool)
-    editor.write_frame_mask(seg, sid, geom, everything)
+    write_masks(editor, seg, sid, geom, {geom.index: everything})
     assert np.array_equal(segment_frame(seg, sid, vol, geom), (frame >= 10) & (frame <= 30))
 
 
-def test_set_mode_replaces_one_slice_only(ctx):
+def test_replace_mode_replaces_one_slice_only(ctx):
     _, vol, geom, seg, sid, editor = _setup(ctx)
     h, w = geom.shape
     full = np.ones((h, w), bool)
     n = geom.dims[geom.axis]
-    editor.write_slice_masks(seg, sid, geom, {k: full for k in range(n)})
+    write_masks(editor, seg, sid, geom, {k: full for k in range(n)})
     small = _box_mask((h, w), (1, 1, 2, 2))
-    editor.write_frame_mask(seg, sid, geom, small, mode="set")
+    write_masks(editor, seg, sid, geom, {geom.index: small}, "replace")
     vol_arr = segment_array(seg, sid, vol)
     for k in range(n):
         expected = small if k == geom.index else full
@@ -130,7 +131,7 @@ def test_slice_masks_are_one_undo_state(ctx):
     masks = [None] * geom.dims[geom.axis]
     masks[1] = _box_mask(geom.shape, (0, 0, 1, 1))
     masks[4] = _box_mask(geom.shape, (3, 3, 5, 5))
-    assert editor.write_slice_masks(seg, sid, geom, masks) == 2
+    assert write_masks(editor, seg, sid, geom, masks) == [1, 4]
     arr = segment_array(seg, sid, vol)
     for k, m in enumerate(masks):
         assert np.array_equal(geom.frame_from_array(arr, k) > 0, m if m is not None else np.zeros(geom.shape, bool))
@@ -147,5 +148,5 @@ def test_rgb_source_volume(ctx):
     editor = SegmentEditor(ctx)
     editor.configure(seg, vol, sid)
     m = _box_mask(geom.shape, (3, 2, 10, 8))
-    editor.write_frame_mask(seg, sid, geom, m)
+    write_masks(editor, seg, sid, geom, {geom.index: m})
     assert np.array_equal(segment_frame(seg, sid, vol, geom), m)

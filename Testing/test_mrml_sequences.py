@@ -11,6 +11,7 @@ from UniUltraSegmentLib.segments import (
     create_segmentation_for,
     get_or_add_segment,
     segment_frame,
+    write_masks,
 )
 from UniUltraSegmentLib.sequences import (
     cine_frame_masks,
@@ -68,14 +69,14 @@ def test_per_frame_masks_follow_scrubbing_and_undo(ctx):
     # one interactive apply on frame 2 goes through the proxy and is saved into frame 2 only
     cine.select(2)
     m2 = _box(geom.shape, 1, 1, 4, 5)
-    editor.write_frame_mask(seg, sid, geom, m2)
+    write_masks(editor, seg, sid, geom, {geom.index: m2})
     masks = cine_frame_masks(cine, seg, sid, geom)
     assert np.array_equal(masks[2], m2) and sum(m.sum() for m in masks) == m2.sum()
     # propagation result: frames 0, 3, 4 (1 left alone), one undo record
     res = [_box(geom.shape, i, 0, i + 3, 3) for i in range(5)]
     res[1] = None
     cine.select(4)
-    edit = write_cine_masks(ctx, editor, cine, seg, sid, geom, res)
+    edit = write_cine_masks(ctx, editor, cine, seg, sid, geom, res, mode="add")
     assert edit.frames_written == [0, 2, 3, 4]
     assert cine.current_frame == 4
     masks = cine_frame_masks(cine, seg, sid, geom)
@@ -102,11 +103,12 @@ def test_existing_segmentation_joins_the_browser(ctx):
     editor = SegmentEditor(ctx)
     editor.configure(seg, cine.proxy, sid)
     m = _box(geom.shape, 2, 2, 5, 5)
-    editor.write_frame_mask(seg, sid, geom, m)
+    write_masks(editor, seg, sid, geom, {geom.index: m})
     seg2, sid2 = ensure_segmentation_sequence(ctx, cine, seg, "lesion")
     assert seg2 is seg and sid2 == sid
     masks = cine_frame_masks(cine, seg, sid, geom)
-    assert np.array_equal(masks[1], m) and not masks[0].any() and not masks[2].any()
+    # what the user drew before the conversion is kept, on every frame (the caller asked first)
+    assert all(np.array_equal(mk, m) for mk in masks)
     # calling again is a no-op (no stray sequences or segments)
     assert ensure_segmentation_sequence(ctx, cine, seg, "lesion") == (seg, sid)
     assert seg.GetSegmentation().GetNumberOfSegments() == 1
@@ -139,8 +141,8 @@ def test_exports_and_seg_nrrd_round_trip(ctx, tmp_path):
     g = slice_geometry(vol, slice_to_ras(AXIAL, 4.6))  # S = 0.8 j + 3 -> j = 2
     ed = SegmentEditor(ctx)
     ed.configure(s, vol, a)
-    ed.write_frame_mask(s, a, g, _box(g.shape, 0, 0, 2, 2))
-    ed.write_frame_mask(s, b, g, _box(g.shape, 3, 1, 4, 3))
+    write_masks(ed, s, a, g, {g.index: _box(g.shape, 0, 0, 2, 2)})
+    write_masks(ed, s, b, g, {g.index: _box(g.shape, 3, 1, 4, 3)})
     save_segmentation(s, tmp_path / "x.seg.nrrd")
     back = load_segmentation(ctx, tmp_path / "x.seg.nrrd")
     names = {back.GetSegmentation().GetNthSegment(i).GetName() for i in range(2)}

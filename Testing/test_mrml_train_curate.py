@@ -16,6 +16,7 @@ from UniUltraSegmentLib.segments import (
     create_segmentation_for,
     get_or_add_segment,
     oriented_image_from_array,
+    write_masks,
 )
 from UniUltraSegmentLib.sequences import (
     create_cine,
@@ -49,7 +50,8 @@ def _labelled_volume(ctx, vol, seg_name, label_arr, segment="lesion"):
     editor = SegmentEditor(ctx)
     editor.configure(seg, vol, sid)
     m = curate.ijk_to_ras_of(vol)
-    editor.apply_labelmap(seg, sid, oriented_image_from_array((label_arr > 0).astype(np.uint8), m), "add")
+    editor.save_state_for_undo()
+    editor.modify(seg, sid, oriented_image_from_array((label_arr > 0).astype(np.uint8), m), "add")
     return seg, sid
 
 
@@ -165,7 +167,7 @@ def test_export_cine_with_segmentation_sequence(ctx, tmp_path):
     cine.select(3)
     plaque = np.zeros((12, 16), bool)
     plaque[0:2, 0:3] = True
-    editor.write_frame_mask(seg, other, geom, plaque, index=0, mode="add")
+    write_masks(editor, seg, other, geom, {0: plaque})
     cine.select(0)
     case = curate.make_case(ctx, seg)
     assert case.kind == "cine" and case.name == "clip A"

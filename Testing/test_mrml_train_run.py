@@ -114,7 +114,8 @@ def _export_tiny_dataset(ctx, out):
         editor.configure(seg, vol, sid)
         from UniUltraSegmentLib.segments import oriented_image_from_array
 
-        editor.apply_labelmap(seg, sid, oriented_image_from_array(lab, curate.ijk_to_ras_of(vol)), "add")
+        editor.save_state_for_undo()
+        editor.modify(seg, sid, oriented_image_from_array(lab, curate.ijk_to_ras_of(vol)), "add")
         cases.append(curate.make_case(ctx, seg))
     return curate.export_dataset(cases, ["lesion"], out, val_fraction=0.25, seed=0, preview=False)
 

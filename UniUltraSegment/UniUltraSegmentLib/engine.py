@@ -1,6 +1,7 @@
 """Thin, Qt-free bridge to the `uniultra` engine: lazy imports, numpy in, numpy out.
 
-Everything here may run on a worker thread: it touches no MRML node and no Qt object.
+Nothing here touches an MRML node or a Qt object.  `PredictorEngine` is the object the
+interaction controller calls (controller.Engine).
 """
 
 from __future__ import annotations
@@ -83,3 +84,17 @@ def make_propagate(predictor) -> Callable:
             return [None] * len(frames)
 
     return run
+
+
+class PredictorEngine:
+    """The controller's Engine over a loaded `uniultra` Predictor."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self._propagate = make_propagate(predictor)
+
+    def predict(self, image, boxes, points, labels) -> np.ndarray:
+        return predict_mask(self.predictor, image, boxes, points, labels)
+
+    def propagate(self, frames, key_boxes, direction="both", progress=None, cancel=None):
+        return self._propagate(frames, key_boxes, direction=direction, progress=progress, cancel=cancel)

@@ -40,6 +40,32 @@ def ijk_to_ras_of(volume_node) -> np.ndarray:
     return vtk_matrix_to_numpy(m)
 
 
+def parent_to_world(node) -> np.ndarray:
+    """(4, 4) node-local -> world matrix of `node`'s parent transforms (identity without one).
+
+    Slice views show nodes in world coordinates, so a transformed volume's voxels are where
+    parent_to_world @ IJKToRAS puts them.  A non-linear transform raises a ValueError: pixel-exact
+    frames and prompts need a linear one (harden the transform first)."""
+    import vtk
+
+    transform = node.GetParentTransformNode() if node is not None else None
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise ValueError(
+            f"'{node.GetName()}' is under the non-linear transform '{transform.GetName()}': UniUltra works on "
+            "linearly placed images only. Harden the transform (Data module) and try again."
+        )
+    m = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(m)
+    return vtk_matrix_to_numpy(m)
+
+
+def world_ijk_to_ras(volume_node) -> np.ndarray:
+    """IJK -> world RAS of a volume, parent transforms included (what the slice views show)."""
+    return parent_to_world(volume_node) @ ijk_to_ras_of(volume_node)
+
+
 def volume_array(volume_node) -> np.ndarray:
     """Voxels of a scalar or vector volume as a numpy view, shape (K, J, I) or (K, J, I, C)."""
     from vtk.util import numpy_support
@@ -61,7 +87,8 @@ class SliceGeometry:
     axis: the IJK axis (0=I, 1=J, 2=K) the view looks along; index: the slice shown.
     col_axis / row_axis: the IJK axes that run along frame columns (x) and rows (y);
     col_flip / row_flip: True when the IJK index decreases as the frame coordinate grows.
-    dims: the volume's (I, J, K) dimensions; ijk_to_ras: the volume's (4, 4) IJKToRAS.
+    dims: the volume's (I, J, K) dimensions; ijk_to_ras: the volume's (4, 4) IJK -> world RAS
+    (parent transforms included).
     """
 
     axis: int
@@ -192,7 +219,7 @@ def slice_geometry(volume_node, slice_to_ras, slice_offset: float | None = None)
     if image is None:
         raise ValueError(f"volume '{name}' has no image data: load an image first")
     dims = tuple(int(d) for d in image.GetDimensions())
-    m = ijk_to_ras_of(volume_node)
+    m = world_ijk_to_ras(volume_node)
     a3 = m[:3, :3]
     normal = s2r[:3, 2] / np.linalg.norm(s2r[:3, 2])
     # plane n.p = offset in RAS  ->  (A^T n).ijk = offset - n.b in IJK

@@ -1,28 +1,19 @@
-"""UniUltraSegment logic (no Qt): prompts from clicks to pixels, inference results into segments.
+"""UniUltraSegment logic (no Qt): what a slice view shows, frames for the engine, box checks.
 
-The engine is reached only through plain callables that take and return numpy, so this
-module can be tested with the real Slicer core and a stand-in predictor:
-
-* `predict(image, boxes, points, labels) -> (H, W) mask` for one frame;
-* `propagate(frames, key_boxes, direction=..., progress=..., cancel=...) -> list[mask | None]`,
-  the shape of `uniultra.inference.propagation.propagate` with a predictor bound
-  (`functools.partial(propagate, predictor)`).
-
-The Qt effect splits the same steps across threads: `ViewTarget` and `frames_for_propagation`
-on the main thread, the callable on a worker thread, `write_propagation` back on the main thread.
+The interaction itself (prompts, preview, apply, undo, propagation) is
+`UniUltraSegmentLib.controller.InteractionController`, which the Segment Editor effect and the
+tests drive alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .context import MRMLContext, create_context, slicer_app_context  # noqa: F401  (re-exported)
 from .geometry import SliceGeometry, extract_frame, slice_geometry, volume_array
-from .segments import SegmentEditor
-from .sequences import Cine, CineEdit, find_cine, write_cine_masks
+from .sequences import Cine, find_cine
 
 Box = tuple[int, int, int, int]
 
@@ -57,18 +48,22 @@ class Prompts:
 
 @dataclass
 class ViewTarget:
-    """What a slice view shows of the source volume: geometry, frame and, for cine, the browser."""
+    """What a slice view shows of the source volume: geometry, and for a cine the browser and
+    the frame shown *when the target was made* (scrubbing later does not change it)."""
 
     volume: object
     geometry: SliceGeometry
     cine: Cine | None
+    frame_index: int = 0
 
     @classmethod
     def from_view(cls, ctx: MRMLContext, volume_node, slice_to_ras, slice_offset: float | None = None):
         if volume_node is None:
             raise ValueError("no source volume: select the image to segment in the Segment Editor")
         geometry = slice_geometry(volume_node, slice_to_ras, slice_offset)
-        return cls(volume_node, geometry, find_cine(ctx, volume_node))
+        cine = find_cine(ctx, volume_node)
+        frame = cine.current_frame if cine is not None and cine.num_frames > 1 else 0
+        return cls(volume_node, geometry, cine, frame)
 
     @property
     def is_cine(self) -> bool:
@@ -76,11 +71,20 @@ class ViewTarget:
 
     @property
     def current_index(self) -> int:
-        """Frame index (cine) or slice index (3D) shown."""
-        return self.cine.current_frame if self.is_cine else self.geometry.index
+        """Frame index (cine, as recorded) or slice index (3D) this target is about."""
+        return self.frame_index if self.is_cine else self.geometry.index
 
-    def frame(self) -> np.ndarray:
-        return extract_frame(self.volume, self.geometry)
+    def frame(self, index: int | None = None) -> np.ndarray:
+        """The image of frame/slice `index` (default: this target's), as a numpy copy."""
+        index = self.current_index if index is None else int(index)
+        if self.is_cine:
+            return self.geometry.frame_from_array(volume_array(self.cine.sequence.GetNthDataNode(index)), 0)
+        return extract_frame(self.volume, self.geometry, index)
+
+    @property
+    def count(self) -> int:
+        """Frames (cine) or slices along the view axis (3D)."""
+        return self.cine.num_frames if self.is_cine else self.geometry.dims[self.geometry.axis]
 
 
 def frames_for_propagation(target: ViewTarget) -> list[np.ndarray]:
@@ -99,66 +103,3 @@ def validate_box(box, shape) -> Box:
     if x1 < 0 or y1 < 0 or x0 >= w or y0 >= h:
         raise ValueError(f"box {tuple(box)} is outside the {w}x{h} image: draw it on the image")
     return (max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1))
-
-
-def write_propagation(
-    ctx: MRMLContext,
-    editor: SegmentEditor,
-    target: ViewTarget,
-    seg_node,
-    segment_id: str,
-    masks: Sequence[np.ndarray | None],
-    mode: str = "add",
-) -> CineEdit | int:
-    """Write propagation results: 3D -> every slice in one undo state (returns slices written);
-    cine -> each frame's segmentation (returns the CineEdit undo record)."""
-    if target.is_cine:
-        return write_cine_masks(ctx, editor, target.cine, seg_node, segment_id, target.geometry, masks, mode)
-    n = target.geometry.dims[target.geometry.axis]
-    if len(masks) != n:
-        raise ValueError(f"{len(masks)} masks for {n} slices")
-    return editor.write_slice_masks(seg_node, segment_id, target.geometry, list(masks), mode)
-
-
-def run_propagation(
-    ctx: MRMLContext,
-    editor: SegmentEditor,
-    target: ViewTarget,
-    seg_node,
-    segment_id: str,
-    key_boxes: dict[int, list[Box]],
-    propagate: Callable,
-    direction: str = "both",
-    progress: Callable[[float], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    mode: str = "add",
-):
-    """Frames out, propagate, masks back in: the whole pipeline on one thread (scripts, tests).
-
-    key_boxes: {frame or slice index: [boxes in frame pixels]}.  Returns what
-    write_propagation returns, or None when cancelled (nothing is written then).
-    """
-    if direction not in ("both", "forward", "backward"):
-        raise ValueError(f"direction '{direction}' must be 'both', 'forward' or 'backward'")
-    frames = frames_for_propagation(target)
-    if not key_boxes:
-        raise ValueError("no key frame: draw a box on at least one frame first")
-    checked = {}
-    for k, boxes in key_boxes.items():
-        if not 0 <= int(k) < len(frames):
-            raise ValueError(f"key frame {k} is outside 0..{len(frames) - 1}")
-        checked[int(k)] = [validate_box(b, frames[int(k)].shape) for b in boxes]
-    masks = propagate(frames, checked, direction=direction, progress=progress, cancel=cancel)
-    if cancel is not None and cancel():
-        return None
-    if len(masks) != len(frames):
-        raise ValueError(f"propagation returned {len(masks)} masks for {len(frames)} frames")
-    return write_propagation(ctx, editor, target, seg_node, segment_id, masks, mode)
-
-
-def apply_frame_mask(
-    editor: SegmentEditor, target: ViewTarget, seg_node, segment_id: str, mask: np.ndarray, mode: str = "add"
-) -> None:
-    """Write one predicted mask into the shown slice/frame (undo state saved first)."""
-    index = 0 if target.is_cine else target.geometry.index
-    editor.write_frame_mask(seg_node, segment_id, target.geometry, mask, index=index, mode=mode)

@@ -1,8 +1,11 @@
-"""Segments: 2D masks into the right slice of a segment, through the Segment Editor logic.
+"""Segments: 2D masks into the right slice of a segment, through the Segment Editor's write route.
 
-Writes go through `vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap`, the same code the
-Segment Editor uses, so the editor node's masking settings (editable area, editable intensity
-range, overwrite other segments) are respected, and an undo state is saved before each write.
+`write_masks` is the only function that writes into a user's segment.  It builds the modifier
+labelmap (in the segmentation's own geometry) and hands it to a *writer*, which is either the
+effect's `scriptedEffect.modifySegmentByLabelmap` or, for scripts and tests, `SegmentEditor`
+below; both end in `vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap`, so the editor node's
+masking settings (editable area, editable intensity range, overwrite other segments) and its
+undo history apply the same way.
 """
 
 from __future__ import annotations
@@ -144,11 +147,23 @@ def create_segmentation_for(ctx, volume_node, name: str | None = None):
 
 
 class SegmentEditor:
-    """The Segment Editor logic and parameter node, without the Segment Editor widget.
+    """The Segment Editor's write route without the Segment Editor widget: scripts and tests.
 
-    Inside Slicer the effect uses the widget's own logic (scriptedEffect.modifySegmentByLabelmap);
-    this class gives scripts and tests the same behaviour: masking, overwrite, undo/redo.
+    This is one of the two adapters of the single write path (`write_masks`).  Both end in
+    `vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap`:
+
+    * here, called directly on a logic that shares the editor node (masking settings);
+    * in the effect (`SegmentEditorUniUltraLib.SegmentEditorEffect.EffectWriter`), through
+      `scriptedEffect.modifySegmentByLabelmap(node, segmentID, labelmap, mode)`, which in
+      Slicer >= 5.10 is `d->Logic->ModifySegmentByLabelmap(node, id, labelmap, mode, extent,
+      perSegment(), bypassMasking)` on the editor widget's own logic
+      (Modules/Loadable/Segmentations/EditorEffects/qSlicerSegmentEditorAbstractEffect.cxx).
+
+    Everything else (which pixels, which slice or frame, geometry, add/replace/remove) is
+    decided once, in `write_masks`, for both.
     """
+
+    per_segment = True  # the UniUltra effect is per-segment (scriptedEffect.perSegment = True)
 
     def __init__(self, ctx, editor_node=None):
         import slicer
@@ -193,8 +208,17 @@ class SegmentEditor:
             self.node.SetSourceVolumeIntensityMaskRange(float(intensity_range[0]), float(intensity_range[1]))
         self.node.SetOverwriteMode(getattr(slicer.vtkMRMLSegmentEditorNode, OVERWRITE_MODES[overwrite]))
 
+    # --- the writer protocol (the effect's EffectWriter has the same three methods) ---
+
     def save_state_for_undo(self) -> None:
         self.logic.SaveStateForUndo()
+
+    def modify(self, seg_node, segment_id: str, labelmap, mode: str) -> None:
+        """`ModifySegmentByLabelmap(node, id, labelmap, mode, isPerSegment, bypassMasking=False)`."""
+        modes = {"add": self.logic.ModificationModeAdd, "remove": self.logic.ModificationModeRemove}
+        self.logic.ModifySegmentByLabelmap(seg_node, segment_id, labelmap, modes[mode], self.per_segment, False)
+
+    # --- undo as the editor widget offers it (Ctrl+Z / z) ---
 
     def undo(self) -> None:
         if not self.logic.CanUndo():
@@ -206,71 +230,80 @@ class SegmentEditor:
             raise ValueError("nothing to redo")
         self.logic.Redo()
 
-    def apply_labelmap(
-        self, seg_node, segment_id: str, labelmap, mode: str = "add", save_undo: bool = True
-    ) -> None:
-        """Write a labelmap into a segment: "add" (union), "set" (replace inside the labelmap's
-        extent only, e.g. one slice), "remove".  Masking settings apply; undo state first."""
-        logic = self.logic
-        if self.node.GetSegmentationNode() is not seg_node:
-            self.node.SetAndObserveSegmentationNode(seg_node)
-        if save_undo:
-            logic.SaveStateForUndo()
-        if mode == "add":
-            logic.ModifySegmentByLabelmap(seg_node, segment_id, labelmap, logic.ModificationModeAdd, False, False)
-        elif mode == "remove":
-            logic.ModifySegmentByLabelmap(seg_node, segment_id, labelmap, logic.ModificationModeRemove, False, False)
-        elif mode == "set":
-            # ModificationModeSet would replace the whole segment (its extent argument did not
-            # restrict it in our tests), so: clear the labelmap's extent, then add the mask.
-            extent = labelmap.GetExtent()
-            ones = oriented_image_from_array(
-                np.ones((extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1), np.uint8),
-                _vtk_matrix_of(labelmap),
-                (extent[0], extent[2], extent[4]),
-            )
-            logic.ModifySegmentByLabelmap(seg_node, segment_id, ones, logic.ModificationModeRemove, False, False)
-            logic.ModifySegmentByLabelmap(seg_node, segment_id, labelmap, logic.ModificationModeAdd, False, False)
-        else:
-            raise ValueError(f"mode '{mode}' is not one of add, set, remove")
 
-    def write_frame_mask(
-        self,
-        seg_node,
-        segment_id: str,
-        geometry: SliceGeometry,
-        mask: np.ndarray,
-        index: int | None = None,
-        mode: str = "add",
-        save_undo: bool = True,
-    ) -> None:
-        """Write a (H, W) frame mask into slice `index` (default: the shown slice) of a segment."""
-        if mask is None or not np.any(mask) and mode == "add":
-            return
-        self.apply_labelmap(seg_node, segment_id, labelmap_from_frame_mask(geometry, mask, index), mode, save_undo)
+WRITE_MODES = ("add", "replace", "remove")
 
-    def write_slice_masks(
-        self,
-        seg_node,
-        segment_id: str,
-        geometry: SliceGeometry,
-        masks: Mapping[int, np.ndarray] | list,
-        mode: str = "add",
-        save_undo: bool = True,
-    ) -> int:
-        """Write masks for several slices ({index: mask} or a list with None gaps) in one edit,
-        i.e. one undo state.  Returns the number of slices written."""
-        if not isinstance(masks, Mapping):
-            masks = {i: m for i, m in enumerate(masks) if m is not None}
-        masks = {int(k): v for k, v in masks.items() if v is not None}
-        if not masks:
-            return 0
-        if mode == "set":
-            # replace only on the slices that received a mask, leave the others untouched
-            if save_undo:
-                self.logic.SaveStateForUndo()
-            for k, m in sorted(masks.items()):
-                self.apply_labelmap(seg_node, segment_id, labelmap_from_frame_mask(geometry, m, k), "set", False)
-            return len(masks)
-        self.apply_labelmap(seg_node, segment_id, labelmap_from_masks(geometry, masks), mode, save_undo)
-        return len(masks)
+
+def world_to_node_matrix(node) -> np.ndarray:
+    """(4, 4) world -> node-local matrix (identity without a parent transform); a ValueError for
+    a non-linear transform, which UniUltra's pixel-exact geometry cannot follow."""
+    from .geometry import parent_to_world
+
+    return np.linalg.inv(parent_to_world(node))
+
+
+def reference_geometry(seg_node):
+    """The segmentation's labelmap geometry (the editor's reference geometry image), or None.
+
+    The segment editor builds its modifier labelmap and aligned source volume in this geometry
+    (vtkSlicerSegmentEditorLogic::ResetModifierLabelmapToDefault); with "editable intensity
+    range" on, ModifySegmentByLabelmap silently drops a modifier in any other geometry."""
+    import slicer
+
+    converter = slicer.vtkSegmentationConverter
+    text = seg_node.GetSegmentation().GetConversionParameter(converter.GetReferenceImageGeometryParameterName())
+    if not text:
+        return None
+    image = slicer.vtkOrientedImageData()
+    converter.DeserializeImageGeometry(text, image, False)
+    return image
+
+
+def align_to_segmentation(labelmap, seg_node):
+    """`labelmap` (in world coordinates) moved into the segmentation's own coordinates and, when
+    its grid differs, resampled (nearest neighbour) onto the segmentation's reference geometry."""
+    import slicer
+
+    to_node = world_to_node_matrix(seg_node)
+    if not np.allclose(to_node, np.eye(4)):
+        labelmap.SetImageToWorldMatrix(_numpy_matrix_to_vtk(to_node @ _vtk_matrix_of(labelmap)))
+    ref = reference_geometry(seg_node)
+    if ref is None or slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, ref):
+        return labelmap
+    # resample into the reference grid, on the part of it the labelmap covers
+    out = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, ref, out, False, False)
+    return out
+
+
+def write_masks(writer, seg_node, segment_id: str, geometry: SliceGeometry, masks, mode: str = "add",
+                save_undo: bool = True) -> list[int]:
+    """THE write path: (H, W) frame masks into slices of a segment, through `writer`.
+
+    masks: {slice index: mask} or a list with None gaps.  mode: "add" (union), "replace" (the
+    masked slices become exactly the mask; other slices untouched), "remove".  One undo state for
+    the whole write (when save_undo).  Masking (editable area, intensity range, overwrite) is the
+    Segment Editor's own.  Returns the slice indices written.
+    """
+    if mode not in WRITE_MODES:
+        raise ValueError(f"mode '{mode}' is not one of {', '.join(WRITE_MODES)}")
+    if not isinstance(masks, Mapping):
+        masks = {i: m for i, m in enumerate(masks) if m is not None}
+    masks = {int(k): np.asarray(v) > 0 for k, v in masks.items() if v is not None}
+    if mode == "add":
+        masks = {k: v for k, v in masks.items() if v.any()}
+    if not masks:
+        return []
+    if save_undo:
+        writer.save_state_for_undo()
+    if mode == "replace":
+        # clear the covered slices (ModificationModeSet would clear the whole segment), then add
+        ones = {k: np.ones(geometry.shape, bool) for k in masks}
+        writer.modify(seg_node, segment_id, align_to_segmentation(labelmap_from_masks(geometry, ones), seg_node), "remove")
+        covered = sorted(ones)
+        masks = {k: v for k, v in masks.items() if v.any()}
+        if masks:
+            writer.modify(seg_node, segment_id, align_to_segmentation(labelmap_from_masks(geometry, masks), seg_node), "add")
+        return covered
+    writer.modify(seg_node, segment_id, align_to_segmentation(labelmap_from_masks(geometry, masks), seg_node), mode)
+    return sorted(masks)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import SliceGeometry, volume_array
-from .segments import SegmentEditor, get_or_add_segment, segment_frame
+from .segments import get_or_add_segment, segment_frame, write_masks
 
 
 def _matrix(m: np.ndarray):
@@ -151,8 +151,8 @@ def read_dicom_cine(path: str | os.PathLike) -> DicomCine:
     the first ultrasound region (cm -> mm); frame time from FrameTime (ms).
     """
     import pydicom
-    from pydicom.pixels import apply_color_lut, pixel_array
 
+    apply_color_lut, pixel_array = _pydicom_pixel_functions()
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:  # noqa: BLE001
@@ -191,6 +191,32 @@ def read_dicom_cine(path: str | os.PathLike) -> DicomCine:
         frame_time = 1.0 / float(ds.CineRate)
     desc = str(ds.get("SeriesDescription", "") or ds.get("StudyDescription", "") or Path(path).stem)
     return DicomCine(np.ascontiguousarray(arr), spacing, frame_time, desc, {"photometric": photometric})
+
+
+def _pydicom_pixel_functions():
+    """(apply_color_lut, pixel_array) for pydicom 3 (`pydicom.pixels`) and pydicom 2.
+
+    Slicer 5.10 bundles pydicom 2.4.4 and 5.12 bundles 3.0.2
+    (SuperBuild/External_python-dicom-requirements.cmake); pydicom 2 has no `pydicom.pixels`,
+    its LUT helper is `pydicom.pixel_data_handlers.util.apply_color_lut` and decoding is
+    `Dataset.pixel_array`.  pydicom 3's `pixel_array` returns YBR_FULL(_422) as RGB; pydicom 2's
+    Pillow handler keeps JPEG data in YCbCr (`im.draft('YCbCr', ...)`), so it is converted here.
+    """
+    try:
+        from pydicom.pixels import apply_color_lut, pixel_array
+
+        return apply_color_lut, pixel_array
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_color_lut, convert_color_space
+
+        def pixel_array_v2(ds):
+            arr = ds.pixel_array
+            photometric = str(ds.get("PhotometricInterpretation", ""))
+            if photometric in ("YBR_FULL", "YBR_FULL_422") and int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+                arr = convert_color_space(arr, "YBR_FULL", "RGB")
+            return arr
+
+        return apply_color_lut, pixel_array_v2
 
 
 def load_dicom_cine(ctx, path: str | os.PathLike, name: str | None = None) -> Cine:
@@ -280,9 +306,11 @@ def load_segmentation(ctx, path: str | os.PathLike, name: str | None = None):
 def ensure_segmentation_sequence(ctx, cine: Cine, seg_node=None, segment_name: str = "lesion"):
     """The proxy segmentation that shows each frame's mask, creating the segmentation sequence.
 
-    If `seg_node` is given and not yet in the browser, it becomes the proxy: every frame gets
-    an item with the same (empty) segments, so no frame is missing and scrubbing never
-    carries a mask over to a frame it does not belong to.  Returns (proxy segmentation, segment ID).
+    If `seg_node` is given and not yet in the browser, it becomes the proxy: every frame gets an
+    item holding a copy of every existing segment (with its content), so nothing the user drew
+    disappears from any frame, and no frame is missing.  This changes what the segmentation is (one
+    per frame instead of one for all), so callers ask the user first (`needs_segmentation_sequence`).
+    Returns (proxy segmentation, segment ID).
     """
     import slicer
 
@@ -302,19 +330,20 @@ def ensure_segmentation_sequence(ctx, cine: Cine, seg_node=None, segment_name: s
     seg_seq.SetIndexName(cine.sequence.GetIndexName())
     seg_seq.SetIndexUnit(cine.sequence.GetIndexUnit())
     ctx.scene.AddNode(seg_seq)
-    current = cine.current_frame
     for i in range(cine.num_frames):
         item = slicer.vtkMRMLSegmentationNode()
         item.GetSegmentation().DeepCopy(seg_node.GetSegmentation())
-        if i != current:
-            for s in _segment_ids(item):
-                slicer.vtkSlicerSegmentationsModuleLogic.ClearSegment(item, s)
         item.SetReferenceImageGeometryParameterFromVolumeNode(cine.sequence.GetNthDataNode(i))
         seg_seq.SetDataNodeAtValue(item, cine.sequence.GetNthIndexValue(i))
     ctx.sequences_logic.AddSynchronizedNode(seg_seq, seg_node, browser)
     browser.SetSaveChanges(seg_seq, True)
     ctx.sequences_logic.UpdateProxyNodesFromSequences(browser)
     return seg_node, sid
+
+
+def needs_segmentation_sequence(cine: Cine, seg_node) -> bool:
+    """True when writing per-frame masks would first turn `seg_node` into a per-frame sequence."""
+    return cine.browser.GetSequenceNode(seg_node) is None
 
 
 def _segment_ids(seg_node) -> list[str]:
@@ -356,42 +385,50 @@ class CineEdit:
 
 def write_cine_masks(
     ctx,
-    editor: SegmentEditor,
+    writer,
     cine: Cine,
     proxy_seg,
     segment_id: str,
     geometry: SliceGeometry,
-    masks: Sequence[np.ndarray | None],
-    mode: str = "add",
+    masks: Sequence[np.ndarray | None] | dict,
+    mode: str = "replace",
 ) -> CineEdit:
-    """Write one mask per frame (None = leave the frame alone) into the per-frame segmentations.
+    """Write one mask per frame (None or missing = leave the frame alone) into the per-frame segmentations.
 
-    Each frame is selected in the browser and written to the proxy segmentation through the
-    Segment Editor logic (so masking uses that frame's image and segments); the browser saves
-    the proxy back into the frame's item.  One undo record for the whole write is returned
-    (the editor's own undo history would replay one frame's state onto another frame).
+    masks: a list with one entry per frame, or {frame: mask}.  Each frame is selected in the
+    browser and written to the proxy segmentation through `write_masks` (so masking uses that
+    frame's image and segments); the browser saves the proxy back into the frame's item.  The
+    frame shown before is selected again afterwards.  One undo record for the whole write is
+    returned: the editor's own undo history holds proxy states, and replaying one onto another
+    frame would write the wrong frame.
     """
     import slicer
 
     seg_seq = cine.browser.GetSequenceNode(proxy_seg)
     if seg_seq is None:
         raise ValueError("the segmentation is not part of the cine's browser: call ensure_segmentation_sequence")
-    if len(masks) != cine.num_frames:
-        raise ValueError(f"{len(masks)} masks for {cine.num_frames} frames")
+    if not isinstance(masks, dict):
+        if len(masks) != cine.num_frames:
+            raise ValueError(f"{len(masks)} masks for {cine.num_frames} frames")
+        masks = dict(enumerate(masks))
     before = {}
     written = []
     current = cine.current_frame
-    for i, mask in enumerate(masks):
-        if mask is None or (mode == "add" and not np.any(mask)):
-            continue
-        item_number = seg_seq.GetItemNumberFromIndexValue(cine.sequence.GetNthIndexValue(i))
-        copy = slicer.vtkSegmentation()
-        copy.DeepCopy(seg_seq.GetNthDataNode(item_number).GetSegmentation())
-        before[item_number] = copy
-        cine.select(i)
-        editor.write_frame_mask(proxy_seg, segment_id, geometry, mask, index=0, mode=mode, save_undo=False)
-        written.append(i)
-    cine.select(current)
+    try:
+        for i, mask in sorted(masks.items()):
+            if mask is None or (mode == "add" and not np.any(mask)):
+                continue
+            if not 0 <= i < cine.num_frames:
+                raise ValueError(f"frame {i} is outside the cine (0..{cine.num_frames - 1})")
+            item_number = seg_seq.GetItemNumberFromIndexValue(cine.sequence.GetNthIndexValue(i))
+            copy = slicer.vtkSegmentation()
+            copy.DeepCopy(seg_seq.GetNthDataNode(item_number).GetSegmentation())
+            before[item_number] = copy
+            cine.select(i)
+            write_masks(writer, proxy_seg, segment_id, geometry, {0: mask}, mode, save_undo=False)
+            written.append(i)
+    finally:
+        cine.select(current)
     return CineEdit(cine, seg_seq, before, written)
 
 
