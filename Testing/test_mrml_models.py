@@ -41,51 +41,90 @@ def test_bad_checksum_and_cancel_leave_nothing(tmp_path, weights):
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
 
-def test_registry_state_install_clear(tmp_path, weights):
+def _registry(tmp_path, monkeypatch, entries):
+    """A registry.json with `entries` (plus the real bundled default) and a private user folder."""
+    import shutil
+
+    from uniultra.registry import REPO_ROOT
+
+    res = tmp_path / "Resources"
+    (res / "models").mkdir(parents=True)
+    real = json.loads((REPO_ROOT / "Resources" / "models" / "registry.json").read_text())
+    bundled = [e for e in real["models"] if e["source"] == "bundled"]
+    (res / "models" / "registry.json").write_text(json.dumps({"models": entries + bundled}))
+    for e in bundled:
+        (res / e["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO_ROOT / "Resources" / e["file"], res / e["file"])
+    monkeypatch.setenv("UNIULTRA_RESOURCES", str(res))
+    monkeypatch.setenv("UNIULTRA_CACHE", str(tmp_path / "user"))
+    monkeypatch.delenv("UNIULTRA_HOME", raising=False)
+
+
+def test_registry_state_install_import_clear(tmp_path, monkeypatch, weights):
     src, digest = weights
-    reg = tmp_path / "registry.json"
     entry = {"name": "m", "arch": "sam2.1-hiera-tiny", "image_size": 1024, "url": src.as_uri(),
              "sha256": digest, "license": "Apache-2.0", "file": "m.pt"}
-    reg.write_text(json.dumps([entry, {**entry, "name": "n", "file": "n.pt", "sha256": "f" * 64}]))
-    entries = models.load_registry(reg)
-    assert [e.name for e in entries] == ["m", "n"]
-    cache = tmp_path / "cache"
-    assert models.model_state(entries[0], cache) == "not installed"
-    models.install_model(entries[0], cache)
-    assert models.model_state(entries[0], cache, verify=True) == "installed"
-    with pytest.raises(ValueError):
-        models.install_model(entries[1], cache)
-    (cache / "n.pt").write_bytes(b"x")
-    assert models.model_state(entries[1], cache, verify=True) == "corrupt"
-    assert models.clear_cache(cache) == 2 and not cache.exists()
-    with pytest.raises(ValueError, match="lacks"):
-        models.ModelEntry.from_dict({"name": "x"})
+    _registry(tmp_path, monkeypatch, [entry, {**entry, "name": "n", "file": "n.pt", "sha256": "f" * 64}])
+    entries = {e.name: e for e in models.load_registry()}
+    m, n = entries["m"], entries["n"]
+    assert models.model_state(m) == "downloadable" and models.can_check(m)
+    path = models.install_model(m)
+    assert path == tmp_path / "user" / "downloads" / "m.pt"
+    assert models.model_state(m, verify=True) == "installed"
+    with pytest.raises(ValueError, match="SHA-256"):
+        models.install_model(n)
+    with pytest.raises(ValueError, match="SHA-256"):
+        models.import_weights(n, src)  # a file that is not the registry's model is refused
+    models.import_weights(m, src)
+    n.local_path().write_bytes(b"x")
+    assert models.model_state(n, verify=True) == "corrupt"
+    # a model trained here: its record lives in registered/, and Clear downloads leaves it alone
+    from uniultra.registry import register_user_model
+
+    trained = tmp_path / "runs" / "mine.pt"
+    trained.parent.mkdir()
+    trained.write_bytes(b"w")
+    register_user_model("mine", trained, "uniultra-student-e8", 64, "ch-adapter")
+    assert models.clear_downloads() == 2
+    assert not (tmp_path / "user" / "downloads").exists()
+    entries = {e.name: e for e in models.load_registry()}
+    assert models.model_state(entries["mine"]) == "trained here" and trained.is_file()
+    assert models.model_state(entries["uniultra-mini-us"]) == "bundled"
 
 
-def test_cache_dir_is_per_user(monkeypatch, tmp_path):
+def test_one_name_one_model_in_engine_and_slicer(tmp_path, monkeypatch, weights):
+    """A user record named like a registry model does not replace it, anywhere."""
+    src, digest = weights
+    _registry(tmp_path, monkeypatch, [{"name": "sam2.1-hiera-tiny", "arch": "sam2.1-hiera-tiny", "image_size": 1024,
+                                       "url": src.as_uri(), "sha256": digest, "license": "x", "file": "t.pt"}])
+    from uniultra.models.registry import get_entry, register_user_model  # the old import path still works
+
+    with pytest.raises(ValueError, match="registry model"):
+        register_user_model("sam2.1-hiera-tiny", src, "sam2.1-hiera-tiny", 1024, None)
+    rogue = tmp_path / "user" / "registered" / "sam2.1-hiera-tiny.json"
+    rogue.parent.mkdir(parents=True)
+    rogue.write_text(json.dumps({"name": "sam2.1-hiera-tiny", "arch": "x", "image_size": 64, "file": "/tmp/x.pt"}))
+    slicer_side = {e.name: e for e in models.load_registry()}["sam2.1-hiera-tiny"]
+    assert slicer_side.source == get_entry("sam2.1-hiera-tiny").source == "official"
+
+
+def test_user_folder_is_per_user(monkeypatch, tmp_path):
     monkeypatch.setenv("UNIULTRA_CACHE", str(tmp_path / "c"))
     assert models.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("UNIULTRA_CACHE")
     monkeypatch.delenv("UNIULTRA_HOME", raising=False)
     assert "uniultra" in str(models.default_cache_dir())
     assert REPO not in models.default_cache_dir().parents
-    from uniultra.models.registry import user_models_dir
-
-    assert models.default_cache_dir() == user_models_dir()  # the engine and Slicer share one folder
     monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path / "h"))
-    assert models.default_cache_dir() == user_models_dir() == tmp_path / "h" / "models"
+    assert models.default_cache_dir() == tmp_path / "h" / "models"
 
 
-def test_real_registry_lists_bundled_and_trained_models(monkeypatch, tmp_path):
-    monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path))
-    from uniultra.models.registry import register_user_model
+def test_registry_import_is_torch_free():
+    import subprocess
+    import sys
 
-    weights = tmp_path / "models" / "mine.pt"
-    weights.parent.mkdir(parents=True)
-    weights.write_bytes(b"x")
-    register_user_model("mine", weights, "uniultra-student-e8", 64, "ch-adapter")
-    entries = {e.name: e for e in models.load_registry()}
-    assert entries["uniultra-mini-us"].source == "bundled"
-    assert models.model_state(entries["mine"]) == "trained here"
-    assert models.model_state(entries["sam2.1-hiera-tiny"]) == "not installed"
-    assert entries["sam2.1-hiera-tiny"].url.startswith("https://dl.fbaipublicfiles.com/")
+    path = str(REPO / "UniUltraSegment")
+    code = (f"import sys; sys.path.insert(0, {path!r}); from UniUltraSegmentLib import models; "
+            "models.load_registry(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), check=True)
+    assert out.stdout.strip() == "False"

