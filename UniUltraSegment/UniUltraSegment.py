@@ -14,6 +14,8 @@ from pathlib import Path
 
 import qt
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,32 +27,56 @@ MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DIR = MODULE_DIR / "Resources" / "SampleData"
 SETTINGS_MODEL = "UniUltra/Model"
 SETTINGS_DEVICE = "UniUltra/Device"
-SETTINGS_CACHE = "UniUltra/CacheFolder"
-PIP_REQUIREMENTS = ["SimpleITK", "hydra-core", "iopath", "pillow", "tqdm", "sam2"]
+# sam2 1.1.0 needs torch>=2.5.1 / torchvision>=0.20.1 (its METADATA) and builds from source: install
+# torch first through the PyTorch extension with those bounds, then sam2 without build isolation
+# (as the project's Makefile does), so that pip neither replaces torch nor builds in a bare env.
+TORCH_REQUIREMENT = ">=2.5.1"
+TORCHVISION_REQUIREMENT = ">=0.20.1"
+PIP_REQUIREMENTS = "SimpleITK hydra-core iopath pillow tqdm"
+PIP_SAM2 = "--no-build-isolation sam2==1.1.0"
+MIN_SLICER = (5, 10)  # scriptedEffect.modifySegmentByLabelmap = vtkSlicerSegmentEditorLogic from 5.10
+
+
+def slicerVersionProblem() -> str:
+    """A sentence for the user when this Slicer is too old for UniUltra, else ""."""
+    version = (int(getattr(slicer.app, "majorVersion", 0)), int(getattr(slicer.app, "minorVersion", 0)))
+    if version >= MIN_SLICER:
+        return ""
+    return (f"UniUltra needs 3D Slicer {MIN_SLICER[0]}.{MIN_SLICER[1]} or later; this is "
+            f"{version[0]}.{version[1]}. Install a current Slicer release to use the UniUltra effect.")
 
 
 class UniUltraSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UniUltra Segment"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("UniUltra Segment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations", "Sequences"]
         self.parent.contributors = ["UniUltra developers"]
-        self.parent.helpText = """Box-prompt segmentation of 2D, colour, cine and 3D ultrasound with a
-parameter-efficient SAM2 model. Use the "UniUltra" effect in the Segment Editor; manage models and
-label cine loops here."""
-        self.parent.acknowledgementText = """Built on Meta's SAM2 (Apache-2.0). Sample data: Momot 2022,
-common carotid artery ultrasound (CC BY 4.0)."""
+        self.parent.helpText = _("""Box- and point-prompt segmentation of 2D, colour, cine and 3D ultrasound with
+a parameter-efficient SAM2 model. Use the "UniUltra" effect in the Segment Editor; manage models and
+label cine loops here.""")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _("""Built on Meta's SAM2 (Apache-2.0). Sample data: Momot 2022,
+common carotid artery ultrasound (CC BY 4.0).""")
         slicer.app.connect("startupCompleted()", registerEditorEffect)
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerEditorEffect():
-    """Register the effect with the Segment Editor (called once the application is up)."""
+    """Register the effect with the Segment Editor (called once the application is up).
+
+    As Slicer's ScriptedSegmentEditorEffect template: the effect file sits in its own folder,
+    which Slicer loads as a module of that name (SegmentEditorUniUltraLib), so it cannot shadow
+    the UniUltraSegmentLib package the effect and the module panels import."""
+    problem = slicerVersionProblem()
+    if problem:
+        logging.error(problem)
+        return
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
     instance = effects.qSlicerSegmentEditorScriptedEffect(None)
-    effectFilename = MODULE_DIR / "UniUltraSegmentLib" / "SegmentEditorEffect.py"
+    effectFilename = MODULE_DIR / "SegmentEditorUniUltraLib" / "SegmentEditorEffect.py"
     instance.setPythonSource(str(effectFilename).replace("\\", "/"))
     instance.self().register()
 
@@ -92,9 +118,12 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         buttons = qt.QHBoxLayout()
         self.useButton = qt.QPushButton("Use selected")
         self.downloadButton = qt.QPushButton("Download...")
+        self.importButton = qt.QPushButton("Import weights from a file...")
+        self.importButton.toolTip = "Install a registry model from a file you already have (no internet needed)"
         self.openFolderButton = qt.QPushButton("Open folder")
         self.clearButton = qt.QPushButton("Clear downloads")
-        for b in (self.useButton, self.downloadButton, self.openFolderButton, self.clearButton):
+        self.clearButton.toolTip = "Delete downloaded weights only; models trained here are kept"
+        for b in (self.useButton, self.downloadButton, self.importButton, self.openFolderButton, self.clearButton):
             buttons.addWidget(b)
         form.addRow(buttons)
 
@@ -123,6 +152,7 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
 
         self.useButton.connect("clicked()", self.onUseModel)
         self.downloadButton.connect("clicked()", self.onDownload)
+        self.importButton.connect("clicked()", self.onImportWeights)
         self.openFolderButton.connect("clicked()", self.onOpenFolder)
         self.clearButton.connect("clicked()", self.onClear)
         self.cancelDownloadButton.connect("clicked()", self.onCancelDownload)
@@ -133,12 +163,15 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
     def refreshModels(self):
         from UniUltraSegmentLib import models
 
-        self.entries = models.load_registry(cache_dir=self.logic.cacheDir())
-        cache = self.logic.cacheDir()
+        self.entries = models.load_registry()
         self.modelTable.setRowCount(len(self.entries))
         for row, entry in enumerate(self.entries):
+            try:
+                state = models.model_state(entry)
+            except Exception as exc:  # noqa: BLE001 - one odd entry must not hide the table
+                state = f"unknown ({exc})"
             self.modelTable.setItem(row, 0, qt.QTableWidgetItem(entry.name))
-            self.modelTable.setItem(row, 1, qt.QTableWidgetItem(models.model_state(entry, cache)))
+            self.modelTable.setItem(row, 1, qt.QTableWidgetItem(state))
             self.modelTable.setItem(row, 2, qt.QTableWidgetItem(entry.license))
         self.activeModelLabel.text = str(self.settings.value(SETTINGS_MODEL, "uniultra-mini-us (bundled)"))
 
@@ -147,14 +180,61 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         return self.entries[row] if 0 <= row < len(self.entries) else None
 
     def onUseModel(self):
-        from UniUltraSegmentLib import models
-
         entry = self.selectedEntry()
         if entry is None:
             return
-        path = models.model_path(entry, self.logic.cacheDir())
-        self.settings.setValue(SETTINGS_MODEL, str(path) if path.exists() else entry.name)
+        path = entry.local_path()
+        self.settings.setValue(SETTINGS_MODEL, str(path) if path is not None and path.is_file() else entry.name)
         self.refreshModels()
+
+    def _setModelPanelBusy(self, busy):
+        for w in (self.useButton, self.downloadButton, self.importButton, self.openFolderButton, self.clearButton,
+                  self.checkpointSelector, self.deviceCombo, self.modelTable):
+            w.enabled = not busy
+        self.downloadProgress.visible = self.cancelDownloadButton.visible = busy
+
+    def _runWhilePumping(self, work):
+        """Run `work(progress, cancelled)` on a Python thread while this (main) thread pumps Qt events.
+
+        A timer-polled worker would starve: PythonQt keeps the GIL while the main thread waits in
+        the Qt event loop.  Here the main thread blocks in `join(0.05)`, which releases the GIL,
+        so the worker runs; between joins `processEvents` repaints and delivers the Cancel click.
+        The worker touches no Qt or MRML object; progress is copied into the bar from here."""
+        import threading
+
+        state = {"done": 0, "total": -1}
+
+        def progress(done, total):
+            state["done"], state["total"] = done, total
+
+        def run():
+            try:
+                state["result"] = work(progress, lambda: self.downloadCancelled)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                state["error"] = exc
+
+        self.downloadCancelled = False
+        self._setModelPanelBusy(True)
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.05)
+                total = state["total"]
+                self.downloadProgress.maximum = total if total > 0 else 0
+                self.downloadProgress.value = state["done"] if total > 0 else 0
+                slicer.app.processEvents()
+                if self.downloadCancelled:
+                    break  # a stuck connection must not hold the panel; the thread cleans up after itself
+        finally:
+            self._setModelPanelBusy(False)
+        if self.downloadCancelled and worker.is_alive():
+            from UniUltraSegmentLib import models
+
+            raise models.DownloadCancelled("cancelled")
+        if "error" in state:
+            raise state["error"]
+        return state.get("result")
 
     def onDownload(self):
         from UniUltraSegmentLib import models
@@ -163,50 +243,64 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         if entry is None:
             slicer.util.infoDisplay("Select a model in the table first.")
             return
-        if not entry.url:
-            slicer.util.infoDisplay(f"'{entry.name}' is {models.model_state(entry, self.logic.cacheDir())}: "
-                                    "there is nothing to download.")
+        if not entry.url or entry.source != "official":
+            slicer.util.infoDisplay(f"'{entry.name}' is {models.model_state(entry)}: there is nothing to download.")
             return
-        dest = models.model_path(entry, self.logic.cacheDir())
+        dest = models.model_path(entry)
+        check = ("The file is checked against its SHA-256 before it is used." if models.can_check(entry) else
+                 "The registry has no SHA-256 for this file, so it cannot be checked: download it only "
+                 "from a network you trust.")
         if not slicer.util.confirmOkCancelDisplay(
-            f"Download '{entry.name}' ({entry.license}) from\n{entry.url}\ninto\n{dest}?\n\n"
-            "The file is checked against its SHA-256 before it is used."
+            f"Download '{entry.name}' ({entry.license}) from\n{entry.url}\ninto\n{dest}?\n\n{check}"
         ):
             return
-        self.downloadCancelled = False
-        self.downloadProgress.visible = self.cancelDownloadButton.visible = True
-        self.downloadButton.enabled = False
-
-        def progress(done, total):
-            self.downloadProgress.maximum = max(total, 0) if total > 0 else 0
-            self.downloadProgress.value = done if total > 0 else 0
-            slicer.app.processEvents()  # keeps the Cancel button responsive during the download
-
         try:
-            models.download(entry.url, dest, entry.sha256 or None, progress, lambda: self.downloadCancelled)
-            self.settings.setValue(SETTINGS_MODEL, str(dest))
+            path = self._runWhilePumping(lambda progress, cancelled: models.install_model(entry, progress, cancelled))
+            self.settings.setValue(SETTINGS_MODEL, str(path))
         except models.DownloadCancelled:
             slicer.util.showStatusMessage("Download cancelled", 3000)
         except (OSError, ValueError) as exc:
             slicer.util.errorDisplay(str(exc))
         finally:
-            self.downloadProgress.visible = self.cancelDownloadButton.visible = False
-            self.downloadButton.enabled = True
+            self.refreshModels()
+
+    def onImportWeights(self):
+        from UniUltraSegmentLib import models
+
+        entry = self.selectedEntry()
+        if entry is None or entry.source != "official":
+            slicer.util.infoDisplay("Select a downloadable model in the table first.")
+            return
+        path = qt.QFileDialog.getOpenFileName(None, f"Weights of {entry.name}", "", "Checkpoints (*.pt *.pth *.ckpt)")
+        if not path:
+            return
+        try:
+            installed = self._runWhilePumping(lambda progress, cancelled: models.import_weights(entry, path))
+            self.settings.setValue(SETTINGS_MODEL, str(installed))
+        except models.DownloadCancelled:
+            slicer.util.showStatusMessage("Import cancelled", 3000)
+        except (OSError, ValueError) as exc:
+            slicer.util.errorDisplay(str(exc))
+        finally:
             self.refreshModels()
 
     def onCancelDownload(self):
         self.downloadCancelled = True
 
     def onOpenFolder(self):
-        folder = self.logic.cacheDir()
+        from UniUltraSegmentLib import models
+
+        folder = models.default_cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
     def onClear(self):
         from UniUltraSegmentLib import models
 
-        if slicer.util.confirmYesNoDisplay(f"Delete all downloaded models in {self.logic.cacheDir()}?"):
-            n = models.clear_cache(self.logic.cacheDir())
+        folder = models.registry().downloads_dir()
+        if slicer.util.confirmYesNoDisplay(f"Delete the downloaded model weights in {folder}?\n"
+                                           "Models trained here are kept."):
+            n = models.clear_downloads()
             slicer.util.showStatusMessage(f"Removed {n} files", 3000)
             self.refreshModels()
 
@@ -271,7 +365,8 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         if not folder:
             slicer.util.errorDisplay("Choose an export folder first.")
             return
-        editorNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentEditorNode")
+        # the Segment Editor module's own parameter node (Modules/Scripted/SegmentEditor/SegmentEditor.py)
+        editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
         volume = editorNode.GetSourceVolumeNode() if editorNode else None
         seg = editorNode.GetSegmentationNode() if editorNode else None
         cine = find_cine(self.logic.context(), volume) if volume else None
@@ -297,37 +392,45 @@ class UniUltraSegmentLogic(ScriptedLoadableModuleLogic):
         return slicer_app_context()
 
     @staticmethod
-    def cacheDir() -> Path:
-        from UniUltraSegmentLib import models
-
-        custom = qt.QSettings().value(SETTINGS_CACHE, "")
-        return Path(custom) if custom else models.default_cache_dir()
-
-    @staticmethod
     def ensureDependencies() -> bool:
-        """Install torch (PyTorch extension) and the engine's packages, only after the user agrees."""
+        """Install torch (PyTorch extension) and the engine's packages, only after the user agrees.
+
+        Returns False (never raises) when the user declines or the installation fails: the error
+        was shown by `tryWithErrorDisplay`, which re-raises after its dialog."""
         from UniUltraSegmentLib.engine import missing_dependencies
 
         missing = missing_dependencies()
         if not missing:
             return True
+        problem = slicerVersionProblem()
+        if problem:
+            slicer.util.errorDisplay(problem)
+            return False
         if not slicer.util.confirmOkCancelDisplay(
             "UniUltra needs these Python packages: " + ", ".join(missing) + ".\n"
             "Install them now? (This downloads several hundred MB and may take a few minutes.)"
         ):
             return False
-        with slicer.util.tryWithErrorDisplay("Installing UniUltra's dependencies failed.", waitCursor=True):
-            if "torch" in missing:
-                try:
-                    import PyTorchUtils
-                except ImportError:
-                    slicer.util.errorDisplay("Install the 'PyTorch' extension from the Extensions Manager, restart, and try again.")
-                    return False
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                    return False
-            if any(m != "torch" for m in missing):
-                os.environ.setdefault("SAM2_BUILD_CUDA", "0")  # sam2 builds from source: skip its CUDA extension
-                slicer.util.pip_install(" ".join(PIP_REQUIREMENTS))  # a string works on every Slicer 5.x
+        try:
+            with slicer.util.tryWithErrorDisplay("Installing UniUltra's dependencies failed.", waitCursor=True):
+                if "torch" in missing:
+                    try:
+                        import PyTorchUtils
+                    except ImportError:
+                        slicer.util.errorDisplay("Install the 'PyTorch' extension from the Extensions Manager, "
+                                                 "restart, and try again.")
+                        return False
+                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT,
+                        torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+                    if torch is None:
+                        return False
+                if any(m != "torch" for m in missing):
+                    os.environ.setdefault("SAM2_BUILD_CUDA", "0")  # sam2 builds from source: skip its CUDA extension
+                    slicer.util.pip_install(PIP_REQUIREMENTS)
+                    slicer.util.pip_install(PIP_SAM2)
+        except Exception:  # noqa: BLE001 - already shown to the user
+            return False
         still = missing_dependencies()
         if still:
             logging.error("UniUltra: still missing %s", still)
@@ -335,7 +438,10 @@ class UniUltraSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class UniUltraSegmentTest(ScriptedLoadableModuleTest):
-    """Drives the UniUltra effect with synthetic mouse events on the sample image (stand-in predictor)."""
+    """Drives the real UniUltra effect in Slicer: synthetic mouse events on the sample image, with a
+    stand-in engine (the mask is the box).  The effect's controller is the one the pytest suite
+    drives on slicer-core; this test adds what only the application has: the registered effect,
+    PythonQt event translation, the editor widget's write route and its undo."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
@@ -364,26 +470,18 @@ class UniUltraSegmentTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(effect, "UniUltra effect is not registered")
         effectSelf = effect.self()
 
-        class BoxPredictor:  # stand-in engine: the mask is the box itself
-            def set_image(self, image):
-                self.shape = image.shape[:2]
+        class BoxEngine:  # stand-in engine: the mask is the union of the boxes
+            def predict(self, image, boxes, points, labels):
+                mask = np.zeros(image.shape[:2], bool)
+                for x0, y0, x1, y1 in boxes:
+                    mask[y0 : y1 + 1, x0 : x1 + 1] = True
+                return mask
 
-            def predict(self, boxes=None, points=None, labels=None, refine=False):
-                masks = np.zeros((len(boxes or [1]), *self.shape), bool)
-                for i, (x0, y0, x1, y1) in enumerate(boxes or []):
-                    masks[i, y0 : y1 + 1, x0 : x1 + 1] = True
+            def propagate(self, frames, key_boxes, direction="both", progress=None, cancel=None):
+                return [None] * len(frames)
 
-                class R:
-                    pass
-
-                r = R()
-                r.masks, r.scores = masks, np.ones(len(masks))
-                return r
-
-        from UniUltraSegmentLib.engine import DEFAULT_MODEL
-
-        effectSelf.predictor = BoxPredictor()
-        effectSelf.predictorKey = (qt.QSettings().value(SETTINGS_MODEL, DEFAULT_MODEL), qt.QSettings().value(SETTINGS_DEVICE, "cpu"))
+        effectSelf.engine = BoxEngine()
+        effectSelf.engineKey = effectSelf._settings()
 
         sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
         slicer.app.processEvents()
@@ -391,16 +489,18 @@ class UniUltraSegmentTest(ScriptedLoadableModuleTest):
         view = sliceWidget.sliceView()
         w, h = view.width, view.height
         slicer.util.clickAndDrag(sliceWidget, start=(int(w * 0.4), int(h * 0.4)), end=(int(w * 0.6), int(h * 0.6)), steps=5)
-        for _ in range(100):  # wait for the worker thread
-            slicer.app.processEvents()
-            if effectSelf.previewMask is not None:
-                break
-            qt.QThread.msleep(20)
-        self.assertIsNotNone(effectSelf.previewMask, "no preview after the box drag")
+        controller = effectSelf.controller
+        self.assertIsNotNone(controller.preview_mask(), "no preview after the box drag")  # synchronous: no waiting
+        self.assertTrue(controller.preview_mask().any())
+        preview = slicer.mrmlScene.GetFirstNodeByName("UniUltra preview")
+        self.assertIsNotNone(preview)
+        self.assertFalse(preview.GetSaveWithScene())
         effectSelf.onApply()
         labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
         self.assertGreater(int(labelmap.sum()), 0)
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName("UniUltra preview"))
         editorWidget.undo()
         labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
-        self.assertEqual(int(labelmap.sum()), 0, "Ctrl+Z (undo) did not remove the applied mask")
+        self.assertEqual(int(labelmap.sum()), 0, "undo did not remove the applied mask")
+        editorWidget.setActiveEffectByName("")
         self.delayDisplay("UniUltra effect test passed")

@@ -1,1 +1,1 @@
-"""UniUltraSegment library: MRML logic (no Qt) and the Segment Editor effect (Qt, imported lazily)."""
+"""UniUltraSegment library: Qt-free MRML logic (controller, geometry, segments, sequences, models)."""

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import vtk
 
 from .context import MRMLContext
 from .logic import ViewTarget, validate_box
@@ -143,13 +144,14 @@ class InteractionController:
         self._cancel_requested = False
         self._scene_closing = False
         self._observations: list[tuple[object, int]] = []
+        self._session_observations: list[tuple[object, int]] = []
         import slicer
 
         self._observe(ctx.scene, slicer.vtkMRMLScene.StartCloseEvent, "_on_scene_close")
 
     # ------------------------------------------------------------------ observers
 
-    def _observe(self, obj, event, method_name: str):
+    def _observe(self, obj, event, method_name: str, session: bool = False):
         # a weak reference: a VTK observer holding the controller would make a reference cycle
         # through C++ that Python's garbage collector cannot break safely
         ref = weakref.ref(self)
@@ -160,7 +162,12 @@ class InteractionController:
                 getattr(controller, method_name)()
 
         tag = obj.AddObserver(event, callback)
-        self._observations.append((obj, tag))
+        (self._session_observations if session else self._observations).append((obj, tag))
+
+    def _unobserve_session(self):
+        for obj, tag in self._session_observations:
+            obj.RemoveObserver(tag)
+        self._session_observations = []
 
     def close(self) -> None:
         """Forget everything and stop observing (the effect's cleanup())."""
@@ -172,6 +179,7 @@ class InteractionController:
     def _on_scene_close(self):
         self._cancel_requested = True
         self._scene_closing = True
+        self._unobserve_session()
         self.session = None
         self._drag = None
         self.preview_node = None  # the scene removes it; it is never saved (SaveWithScene off)
@@ -205,6 +213,7 @@ class InteractionController:
         """Drop prompts and preview (Cancel button, deactivate, source volume change)."""
         self.session = None
         self._drag = None
+        self._unobserve_session()
         self._remove_preview()
         return Reply(handled=True, status=status, changed=True)
 
@@ -295,6 +304,8 @@ class InteractionController:
             if seg_node is None or not segment_id:
                 return Reply(handled=True, status="Select a segmentation and a segment first.", error=True)
             s = self.session = Session(target.volume, target.geometry.axis, seg_node, segment_id, target)
+            if target.is_cine:  # show each frame's own preview while the user scrubs
+                self._observe(target.cine.browser, vtk.vtkCommand.ModifiedEvent, "frame_shown_changed", session=True)
         s.prompts.append(prompt)
         reply = self._predict(prompt.frame)
         if reply.error:
