@@ -273,3 +273,16 @@ def test_cases_from_folder_of_seg_nrrd(ctx, tmp_path):
     assert np.array_equal(img, arr[2]) and np.array_equal(mask > 0, arr[2] > 200)
     assert np.array_equal(_read(tmp_path / "out" / "images" / "us2_0000.png"), png)
     assert np.array_equal(_read(tmp_path / "out" / "masks" / "us2_0000.png"), lab2[0] * 255)
+
+
+def test_scratch_context_inside_slicer_adds_no_converter_rules():
+    """Row 13 of the Slicer API audit: every Segmentations logic appends its converter rules to the
+    process-wide factory; the Train module's scratch scene must not add them again."""
+    import slicer
+    from UniUltraSegmentLib.context import create_context
+
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    before = len(factory.GetConverterRules())
+    ctx = create_context(register_converters=False)
+    assert len(factory.GetConverterRules()) == before and ctx.segmentations_logic is None
+    ctx.scene.Clear(1)

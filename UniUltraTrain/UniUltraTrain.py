@@ -18,6 +18,8 @@ from pathlib import Path
 
 import qt
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -38,15 +40,16 @@ CHART_EVERY_MS = 2000
 class UniUltraTrain(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UniUltra Train"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("UniUltra Train")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations", "Sequences"]
         self.parent.contributors = ["UniUltra developers"]
-        self.parent.helpText = """Fine-tune UniUltra on your own labelled ultrasound: export segmentations
+        self.parent.helpText = _("""Fine-tune UniUltra on your own labelled ultrasound: export segmentations
 (2D, colour, 3D, cine) as a training dataset, train with a parameter-efficient method (CH-Adapter by
 default) in a background process, compare validation Dice before and after, and register the model for
-UniUltra Segment. Distill a small student for fast CPU use."""
-        self.parent.acknowledgementText = """Built on Meta's SAM2 (Apache-2.0)."""
+UniUltra Segment. Distill a small student for fast CPU use.""")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _("""Built on Meta's SAM2 (Apache-2.0).""")
 
 
 def _checkableList():
@@ -281,7 +284,8 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         form.addRow(self.measureBefore)
         self.runFolder = ctk.ctkPathLineEdit()
         self.runFolder.filters = ctk.ctkPathLineEdit.Dirs
-        self.runFolder.currentPath = str(self.workFolder() / "runs" / _dt.datetime.now().strftime("%Y%m%d-%H%M"))
+        self.defaultRunFolder = self._newRunFolder()
+        self.runFolder.currentPath = self.defaultRunFolder
         form.addRow("Run folder:", self.runFolder)
 
         buttons = qt.QHBoxLayout()
@@ -344,12 +348,25 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             resume=resume,
         )
 
+    def _newRunFolder(self):
+        return str(self.workFolder() / "runs" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
     def onStart(self, resume=False, distill=False):
         if self.run is not None and self.run.running:
             slicer.util.infoDisplay("A training run is still going: cancel it first.")
             return
         if not self.logic.ensureDependencies():
             return
+        if not resume and self.runFolder.currentPath == self.defaultRunFolder and self.logic.canResume(self.defaultRunFolder):
+            # the default folder was made when the panel was built: a second run gets a fresh one
+            self.defaultRunFolder = self._newRunFolder()
+            self.runFolder.currentPath = self.defaultRunFolder
+        try:
+            self._start(resume, distill)
+        except Exception:  # noqa: BLE001 - shown by tryWithErrorDisplay, which re-raises after its dialog
+            self._setRunning(False)
+
+    def _start(self, resume, distill):
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
             options = self.distillOptions(resume) if distill else self.trainOptions(resume)
             options.check()
@@ -592,7 +609,9 @@ class UniUltraTrainLogic(ScriptedLoadableModuleLogic):
         from UniUltraSegmentLib.context import create_context
         from UniUltraTrainLib import curate
 
-        ctx = create_context()  # a scratch scene: the user's scene is not touched
+        # a scratch scene: the user's scene is not touched; no second Segmentations logic (its
+        # converter rules are process-wide and Slicer's own module registered them already)
+        ctx = create_context(register_converters=False)
         try:
             cases = curate.cases_from_folder(ctx, folder)
             names = []
@@ -632,18 +651,10 @@ class UniUltraTrainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def userModels() -> list:
-        """Names of the models the user trained or installed (the engine's user registry)."""
-        import json
-        import os
+        """Names of the models the user trained or registered (the engine's one registry)."""
+        from UniUltraSegmentLib import models
 
-        home = Path(os.environ.get("UNIULTRA_HOME", Path.home() / ".cache" / "uniultra")) / "models"
-        names = []
-        for meta in sorted(home.glob("*.json")) if home.is_dir() else []:
-            try:
-                names.append(json.loads(meta.read_text(encoding="utf-8"))["name"])
-            except (OSError, ValueError, KeyError):
-                continue
-        return names
+        return [e.name for e in models.load_registry() if e.source == "user"]
 
     @staticmethod
     def startTraining(options):

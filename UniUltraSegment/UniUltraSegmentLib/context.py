@@ -20,18 +20,25 @@ class MRMLContext:
     sequences_logic: Any
 
 
-def create_context(scene=None) -> MRMLContext:
-    """A fresh scene (or `scene`) with application, Segmentations and Sequences logics, no Qt."""
+def create_context(scene=None, register_converters: bool = True) -> MRMLContext:
+    """A fresh scene (or `scene`) with application, Segmentations and Sequences logics, no Qt.
+
+    register_converters=False (inside Slicer): make no second Segmentations logic.  Its
+    SetMRMLScene appends the segmentation converter rules to the process-wide
+    vtkSegmentationConverterFactory again (vtkSlicerSegmentationsModuleLogic::RegisterNodes), and
+    the application's own Segmentations module has registered them already."""
     import slicer
 
     if scene is None:
         scene = slicer.vtkMRMLScene()
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLApplicationLogic(app)
-    seg_logic.SetMRMLScene(scene)
-    app.SetModuleLogic("Segmentations", seg_logic)
+    seg_logic = None
+    if register_converters:
+        seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        seg_logic.SetMRMLApplicationLogic(app)
+        seg_logic.SetMRMLScene(scene)
+        app.SetModuleLogic("Segmentations", seg_logic)
     seq_logic = slicer.vtkSlicerSequencesLogic()
     seq_logic.SetMRMLApplicationLogic(app)
     seq_logic.SetMRMLScene(scene)

@@ -297,6 +297,11 @@ class EngineProcess:
 
     def poll(self) -> list[str]:
         """New log lines (progress bars excluded); updates `progress` and `last_val`."""
+        if self._reader is not None and self._reader.is_alive():
+            # Inside Slicer the main thread keeps the GIL while Qt waits for events (PythonQt), so
+            # the reader thread only runs when main-thread Python does: a short join here hands it
+            # the GIL once per poll instead of starving it.
+            self._reader.join(0.005)
         out = []
         while True:
             try:
