@@ -1,20 +1,13 @@
 #!/usr/bin/env python
-"""Train the bundled default model ``uniultra-mini-us``.
+"""Train the bundled default model ``uniultra-mini-us``: stage 1 of ``recipes/uniultra-mini-us.yaml``
+adapted to this machine, then the fp16 checkpoint with the model's name and provenance.
 
-Architecture ``uniultra-mini`` (= ``uniultra-student-e16``: Hiera-T layout with embed_dim 16,
-CH-Adapters, FPN neck, SAM2 prompt encoder and mask decoder), trained fully from random
-initialisation (no pretrained weights can be downloaded here) on the train splits of busi, ddti,
-hc18 and carotid, selected by mean validation Dice with 10%-jittered boxes, saved as a full fp16
-checkpoint.
-
-Recipe: box prompts jittered by up to 15% of the box size per edge (evaluation uses 10%), strong
-geometric + intensity augmentation, Dice + BCE + IoU-head MSE with the logits upsampled to
-S, AdamW lr 2.5e-3 (weight decay 0.05), batch 128 on CUDA, linear warm-up then cosine decay, gradient clipping 1.0,
-bf16 autocast and DataLoader workers on CUDA.
-
-The bundled checkpoint is this script's run with the earlier focal loss (stage 1, H100) followed
-by a CPU continuation with Dice + BCE (stage 2, a ``uniultra train`` command in the README); this
-script's default loss is now stage 2's, untested from scratch at full scale.
+The recipe (``recipes/uniultra-mini-us/stage1.yaml``) holds every training setting; this script
+only changes what depends on the machine or the budget: the batch size and DataLoader workers
+on a CPU (8 and 0), the number of steps (``--steps``, ``--epochs``, or ``--minutes``: an 80-step
+calibration picks the steps that fit a wall-clock budget; 6.5 minutes by default on CUDA when
+no ``--steps``/``--epochs`` is given), and with it the warm-up (3%%) and validation interval (6
+validations).  The whole two-stage model is ``uniultra recipe run recipes/uniultra-mini-us.yaml``.
 
 Full scale (one H100, ~8 min)::
 
@@ -40,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 DATASETS = ("busi", "ddti", "hc18", "carotid")
 NAME = "uniultra-mini-us"
+RECIPE = REPO / "recipes" / "uniultra-mini-us" / "stage1.yaml"
 
 
 def parse_args(argv=None):
@@ -48,88 +42,85 @@ def parse_args(argv=None):
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--out", required=True, help="where to write the fp16 checkpoint (.pt)")
     ap.add_argument("--work", default=None, help="run folder (metrics, resume state); default: <out>.run/")
-    ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs (default 60 on CPU; on CUDA see --minutes)")
+    ap.add_argument("--recipe", default=str(RECIPE), help="train recipe (default: stage 1 of uniultra-mini-us)")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs instead of steps")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget: an 80-step calibration sets --steps to fit (and a time limit stops the run, keeping the best, if it is slower) (default 6.5 on CUDA "
-                         "when neither --steps nor --epochs is given)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 8 on CPU")
-    ap.add_argument("--lr", type=float, default=2.5e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3%% of the steps)")
-    ap.add_argument("--jitter", type=float, default=0.15)
-    # The first default used dice=1,focal=20,iou=1 (UltraSam's weighting): its masks came out
-    # about 6% too small (focal alpha 0.25 favours background), and continuing with Dice + BCE
-    # raised val Dice by a point on busi and ddti (README, "Results", stage 2).
-    ap.add_argument("--loss-weights", default="dice=1,bce=1,iou=1")
-    ap.add_argument("--val-every", type=int, default=None, help="default: 6 validations per run")
+                    help="wall-clock budget: an 80-step calibration sets --steps to fit (and a time limit stops the "
+                         "run, keeping the best, if it is slower) (default 6.5 on CUDA when neither --steps nor "
+                         "--epochs is given)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's on CUDA, 8 on CPU")
     ap.add_argument("--num-workers", type=int, default=None, help="default: min(12, CPU cores - 2) on CUDA, 0 on CPU")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--eval-test", action=argparse.BooleanOptionalAction, default=False,
                     help="after training, report test-split Dice with 10%%-jittered boxes vs the ellipse baseline")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any other recipe key, e.g. lr=1e-3")
     return ap.parse_args(argv)
+
+
+def config(args, data: list[str], work: Path, **given):
+    from uniultra.training.config import TrainConfig, load_config
+
+    opts = {"data": data, "out": str(work), "device": args.device, "resume": args.resume,
+            "overwrite": not args.resume, **given}
+    for key in ("image_size", "seed"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    return load_config(TrainConfig, args.recipe, opts, args.overrides)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from uniultra.data.datasets import UniformDataset
     from uniultra.models.checkpoint import atomic_torch_save
-    from uniultra.training.trainer import TrainConfig, resolve_device, train
+    from uniultra.training.cli_commands import setup_logging
+    from uniultra.training.engine import resolve_device
+    from uniultra.training.trainer import train
 
+    setup_logging()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    root = Path(args.data_root)
-    data = [str(root / d) for d in args.datasets]
+    data = [str(Path(args.data_root) / d) for d in args.datasets]
     for d in data:
         if not (Path(d) / "split.csv").is_file():
             print(f"error: dataset {d} not found (no split.csv); pass --data-root", file=sys.stderr)
             return 2
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.stem + ".run")
-    bs = args.batch_size or (128 if cuda else 8)
-    workers = args.num_workers if args.num_workers is not None else (min(12, max(2, (os.cpu_count() or 4) - 2)) if cuda else 0)
-    n_train = 0
-    from uniultra.data.datasets import UniformDataset
-
-    for d in data:
-        n_train += len(UniformDataset(d, "train"))
-    steps_per_epoch = max(1, n_train // bs)
+    machine = {}
+    if args.batch_size or not cuda:
+        machine["batch_size"] = args.batch_size or 8
+    if args.num_workers is not None or not cuda:
+        machine["num_workers"] = args.num_workers if args.num_workers is not None else 0
+    elif cuda:
+        machine["num_workers"] = min(12, max(2, (os.cpu_count() or 4) - 2))
+    cfg = config(args, data, work, **machine)
+    n_train = sum(len(UniformDataset(d, "train")) for d in data)
     minutes = args.minutes
     if minutes is None and cuda and args.steps is None and args.epochs is None:
         minutes = 6.5
     t_begin = time.perf_counter()
-    if args.steps:
-        steps = args.steps
-    elif minutes:
-        steps = calibrate(args, data, work, bs, workers, minutes, t_begin)
-    else:
-        steps = (args.epochs or 60) * steps_per_epoch
-    warmup = args.warmup if args.warmup is not None else max(1, int(0.03 * steps))
-    val_every = args.val_every or max(1, steps // 6)
-    cfg = TrainConfig(
-        data=data, out=str(work), model="uniultra-mini", peft="ch-adapter", image_size=args.image_size,
-        steps=steps, batch_size=bs, lr=args.lr, weight_decay=args.weight_decay, optimizer="adamw",
-        schedule="cosine", warmup_steps=warmup, min_lr_ratio=0.01, grad_clip=1.0,
-        loss_weights=args.loss_weights, prompt="box", jitter=args.jitter, augment=True,
-        val_every=val_every, val_jitter=0.1, val_batch=64 if cuda else 16, device=args.device, seed=args.seed,
-        amp="auto", num_workers=workers, adapter_only=False, final_full=True, final_half=True,
-        name=NAME, resume=args.resume, overwrite=not args.resume, log_every=max(1, min(50, steps // 50)),
-        description="UniUltra-mini trained from scratch on BUSI, DDTI, HC18 and carotid (box prompts)",
-    )
-    print(f"training {NAME}: {n_train} train images, {steps} steps of batch {bs} "
-          f"({steps * bs / max(1, n_train):.1f} epochs) at {args.image_size}px on {device}, {workers} workers",
-          flush=True)
+    steps = args.steps or (args.epochs * max(1, n_train // cfg.batch_size) if args.epochs else None)
+    if not steps and minutes:
+        steps = calibrate(args, data, work, machine, minutes, t_begin)
+    if steps:
+        cfg = config(args, data, work, **machine, steps=steps, warmup_steps=max(1, int(0.03 * steps)),
+                     val_every=max(1, steps // 6), log_every=max(1, min(50, steps // 50)))
     if minutes:  # hard guard: whatever the calibration said, stop (keeping the best) in time
         cfg.time_limit_s = max(30.0, minutes * 60 - (time.perf_counter() - t_begin) - 40)
-    res = train(cfg, progress=None)
+    print(f"training {NAME}: {n_train} train images, {cfg.steps} steps of batch {cfg.batch_size} "
+          f"({cfg.steps * cfg.batch_size / max(1, n_train):.1f} epochs) at {cfg.image_size}px on {device}, "
+          f"{cfg.num_workers} workers", flush=True)
+    res = train(cfg)
     wall = time.perf_counter() - t_begin
     if res["status"] not in ("finished", "early-stopped"):
         print(f"training {res['status']} at step {res['step']}; rerun with --resume", file=sys.stderr)
@@ -137,7 +128,7 @@ def main(argv=None) -> int:
     ck = torch.load(res["model_full"], map_location="cpu", weights_only=True)
     ck["uniultra"].update({"name": NAME, "datasets": list(args.datasets), "val_dice": res["best_val_dice"],
                            "val_dice_per_dataset": res["best_val"], "train_steps": res["step"],
-                           "train_wall_s": round(wall, 1), "recipe": "scripts/train_default.py"})
+                           "train_wall_s": round(wall, 1), "recipe": "recipes/uniultra-mini-us.yaml (stage1)"})
     atomic_torch_save(ck, out)
     for f in ("metrics.csv", "curves.png"):
         if (work / f).is_file():
@@ -152,17 +143,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def calibrate(args, data, work: Path, bs: int, workers: int, minutes: float, t_begin: float) -> int:
+def calibrate(args, data, work: Path, machine: dict, minutes: float, t_begin: float) -> int:
     """Time 80 steps (and one validation) of the real configuration; return the number of steps
     that fits the remaining budget with 6 validations."""
-    from uniultra.training.trainer import TrainConfig, train
+    from uniultra.training.trainer import train
 
     stamps = []
-    cfg = TrainConfig(
-        data=data, out=str(work / "calibration"), model="uniultra-mini", peft="ch-adapter",
-        image_size=args.image_size, steps=80, batch_size=bs, lr=args.lr, optimizer="adamw", schedule="constant",
-        loss_weights=args.loss_weights, jitter=args.jitter, val_every=10**9, val_batch=64, device=args.device,
-        seed=args.seed, num_workers=workers, adapter_only=False, overwrite=True, progress_bar=False)
+    cfg = config(args, data, work / "calibration", **machine, steps=80, schedule="constant", val_every=10**9,
+                 progress_bar=False)
+    cfg.resume, cfg.overwrite = False, True
     train(cfg, progress=lambda done, total, msg: stamps.append(time.perf_counter()), log=lambda m: None)
     t_end = time.perf_counter()
     shutil.rmtree(work / "calibration", ignore_errors=True)
@@ -171,8 +160,8 @@ def calibrate(args, data, work: Path, bs: int, workers: int, minutes: float, t_b
     val_s = max(0.0, stamps[-1] - stamps[-2] - per_step)
     left = minutes * 60 - (t_end - t_begin) - 7 * val_s - 30  # 30 s: start-up and final saves
     steps = max(50, int(left / per_step))
-    print(f"calibration: {per_step * 1000:.0f} ms/step ({bs / per_step:.0f} img/s), validation {val_s:.1f} s "
-          f"-> {steps} steps for {minutes:g} min", flush=True)
+    print(f"calibration: {per_step * 1000:.0f} ms/step ({machine.get('batch_size', 64) / per_step:.0f} img/s), "
+          f"validation {val_s:.1f} s -> {steps} steps for {minutes:g} min", flush=True)
     return steps
 
 

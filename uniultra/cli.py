@@ -419,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_commands.add_train_parser(sub)
         cli_commands.add_distill_parser(sub)
         cli_commands.add_cache_parser(sub)
+        cli_commands.add_recipe_parser(sub)
     return ap
 
 

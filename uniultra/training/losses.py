@@ -5,8 +5,8 @@
 * :func:`bce_loss` -- binary cross-entropy on logits, mean over pixels.
 * :func:`iou_mse_loss` -- MSE between the IoU head's prediction and the actual IoU of the
   thresholded mask (SAM/UltraSam).
-* :class:`LossWeights` -- weights; the default is UltraSam's ``focal 20 : dice 1``; SAM-UNet uses
-  ``dice 20 : focal 1`` (:data:`SAM_UNET_WEIGHTS`).
+* :class:`LossWeights` -- weights (in :mod:`uniultra.training.config`); the default is UltraSam's
+  ``focal 20 : dice 1``; the preset ``sam-unet`` is SAM-UNet's ``dice 20 : focal 1``.
 * :func:`segmentation_loss` -- the combined loss on ``[B, M, h, w]`` logits against ``[B, 1, H, W]``
   targets.  Logits are upsampled (bilinear) to the target resolution before the loss: training
   at the full input size S is more accurate at the boundary than downsampling the target to the
@@ -19,41 +19,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from uniultra.training.config import LossWeights  # noqa: F401 (re-exported: torch-free, checked in configs)
 
 EPS = 1.0
 
 
-@dataclass
-class LossWeights:
-    dice: float = 1.0
-    focal: float = 20.0
-    bce: float = 0.0
-    iou: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str | None) -> LossWeights:
-        """``"dice=1,focal=20,bce=0,iou=1"`` or the presets ``ultrasam`` / ``sam-unet``."""
-        if text is None or text == "" or text == "ultrasam":
-            return cls()
-        if text == "sam-unet":
-            return cls(dice=20.0, focal=1.0, bce=0.0, iou=0.0)
-        w = cls(dice=0.0, focal=0.0, bce=0.0, iou=0.0)
-        for part in text.split(","):
-            key, sep, val = part.partition("=")
-            key = key.strip().lower()
-            if not sep or key not in ("dice", "focal", "bce", "iou"):
-                raise ValueError(f"loss weights {text!r}: expected e.g. 'dice=1,focal=20,iou=1'")
-            setattr(w, key, float(val))
-        if w.dice + w.focal + w.bce <= 0:
-            raise ValueError(f"loss weights {text!r}: dice, focal or bce must be positive")
-        return w
-
-
-SAM_UNET_WEIGHTS = LossWeights(dice=20.0, focal=1.0, bce=0.0, iou=0.0)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = EPS) -> torch.Tensor:

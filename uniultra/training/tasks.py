@@ -1,0 +1,289 @@
+"""The training tasks the :class:`~uniultra.training.engine.Trainer` runs: what differs only.
+
+* :class:`SegmentationTask` (``uniultra train``): a promptable segmenter, built by
+  :func:`uniultra.models.build_model` (registry name, architecture or checkpoint, plus an
+  adaptation method); only the parameters that receive gradients in single-image training
+  train (memory attention/encoder are frozen: unused).  Data: the ``train`` split of each
+  dataset, one instance per sample with a simulated prompt (jittered box by default), decoded
+  into RAM once, resized to S x S; the decoder's S/4 logits are upsampled to S for the
+  promptable loss (:func:`uniultra.training.losses.promptable_loss`).  Several datasets are
+  mixed with optional sampling weights.  Checkpoints are adapter-only when the base has weights.
+* :class:`DistillTask` (``uniultra distill``): DSKD of a frozen teacher into a student that
+  reuses the teacher's prompt encoder and mask decoder (see :mod:`uniultra.training.distill`);
+  the teacher's targets come from the teacher, a feature cache, or an embedding cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uniultra.errors import InputError
+from uniultra.training.engine import Task, Trainer, expand_data_dirs, seed_all
+
+
+def _train_data(cfg, roots, S: int, mask_div: int, prompt_kw: dict):
+    """(splits, per-dataset PromptSegDatasets) of the train split, cached in RAM, augmented."""
+    from uniultra.data.datasets import PromptSegDataset, UniformDataset
+    from uniultra.training.data import AugmentedSource, CachedSource
+
+    min_area = getattr(cfg, "min_area_frac", 0.0)
+    splits = []
+    for r in roots:
+        ds = UniformDataset(r, "train", min_area_frac=min_area, max_images=cfg.max_images)
+        if len(ds) == 0:
+            raise InputError(f"--data {r}: no images in the train split (split.csv); check the dataset")
+        splits.append(ds)
+    sources = [CachedSource(ds) if getattr(cfg, "preload", True) else ds for ds in splits]
+    if cfg.augment:
+        sources = [AugmentedSource(src, cfg.seed, size=S, **cfg.aug_options) for src in sources]
+    pds = [PromptSegDataset(src, S, mask_div=mask_div, augment=False, min_area_frac=min_area, seed=cfg.seed,
+                            **prompt_kw) for src in sources]
+    return splits, pds
+
+
+def _vals(cfg, roots):
+    from uniultra.training.data import val_set
+
+    return val_set(roots, cfg.val_split, cfg.val_jitter, cfg.val_seed, cfg.val_limit,
+                   getattr(cfg, "min_area_frac", 0.0))
+
+
+# ------------------------------------------------------------------------------------ segmentation
+class _LossModule(nn.Module):
+    """Wraps the model so that DDP sees one forward that returns the loss."""
+
+    def __init__(self, model, weights, two_pass: bool):
+        super().__init__()
+        self.model, self.weights, self.two_pass = model, weights, two_pass
+
+    def forward(self, batch: dict, layout: dict):
+        """``layout`` is computed on the CPU copy of the batch (no GPU synchronisation)."""
+        from uniultra.training.losses import promptable_loss
+
+        b, n = layout["shape"]
+        rows = layout["rows"].to(batch["image"].device, non_blocking=True)
+        image_index = torch.div(rows, n, rounding_mode="floor")
+        masks = batch["masks"].reshape(b * n, 1, *batch["masks"].shape[-2:])[rows]
+        boxes = batch["boxes"].reshape(b * n, 4)[rows]
+        pc = batch["point_coords"].reshape(b * n, *batch["point_coords"].shape[2:])[rows]
+        pl = batch["point_labels"].reshape(b * n, -1)[rows]
+        return promptable_loss(self.model, batch["image"], masks, self.weights, boxes=boxes, point_coords=pc,
+                               point_labels=pl, two_pass=self.two_pass, has_box=layout["has_box"],
+                               image_index=image_index, has_points=layout["has_points"], sync=False)
+
+
+def batch_layout(batch: dict) -> dict:
+    """Which prompt rows are real, which have boxes or points (from the CPU batch)."""
+    valid = batch["valid"]
+    b, n = valid.shape
+    rows = torch.nonzero(valid.reshape(-1)).flatten()
+    pl = batch["point_labels"].reshape(b * n, -1)[rows]
+    return {"shape": (b, n), "rows": rows, "has_box": batch["has_box"].reshape(-1)[rows].clone(),
+            "has_points": bool((pl >= 0).any())}
+
+
+def base_identity(cfg, model) -> tuple[str | None, str | None]:
+    """(base name/path, SHA-256) when the base has weights that an adapter-only file can refer to
+    (the same resolution order as ``build_model``: a bare architecture or ``random_init`` has none)."""
+    from uniultra.models import load_registry, resolve_model
+    from uniultra.models.architectures import canonical_arch
+    from uniultra.models.checkpoint import sha256_file
+
+    if cfg.random_init or "base_peft" in (model.peft or {}):
+        return None, None
+    try:
+        canonical_arch(cfg.model)
+        is_arch = True
+    except ValueError:
+        is_arch = False
+    if is_arch and cfg.model not in load_registry():
+        return None, None
+    entry, path = resolve_model(cfg.model)
+    if path is None or not Path(path).is_file():
+        return None, None
+    base = entry.name if entry is not None else str(Path(path).resolve())
+    return base, sha256_file(path)
+
+
+class SegmentationTask(Task):
+    """Promptable segmentation of a (possibly adapted) model: ``uniultra train``."""
+
+    name = "train"
+
+    def setup(self, trainer: Trainer) -> None:
+        from uniultra.data.datasets import combine
+        from uniultra.models import build_model
+        from uniultra.models.peft import updated_parameter_names
+        from uniultra.training.data import SaltedConcat
+        from uniultra.training.losses import LossWeights
+
+        cfg, device = trainer.cfg, trainer.device
+        self.cfg = cfg
+        self.roots = expand_data_dirs(cfg.data)
+        seed_all(cfg.seed)
+        try:
+            model = build_model(cfg.model, image_size=cfg.image_size, peft=cfg.peft, peft_options=cfg.peft_options,
+                                scope=cfg.scope, device="cpu", random_init=cfg.random_init)
+        except InputError:
+            raise
+        except ValueError as e:  # unknown method/option/size from the model builder
+            raise InputError(f"--model {cfg.model} --peft {cfg.peft}: {e}") from None
+        if cfg.image_size is not None and model.image_size != cfg.image_size:
+            raise InputError(f"--image-size {cfg.image_size} does not match the model ({model.image_size})")
+        cfg.image_size = S = model.image_size
+        splits, pds = _train_data(cfg, self.roots, S, 1, dict(
+            max_instances=cfg.max_instances, prompt=cfg.prompt, jitter=cfg.jitter, shift_px=cfg.shift_px,
+            n_pos=cfg.n_pos, n_neg=cfg.n_neg))
+        self.dataset = SaltedConcat(pds)
+        self.data_counts = {r.name: len(ds) for r, ds in zip(self.roots, splits)}
+        if cfg.data_weights is not None:
+            if len(cfg.data_weights) != len(pds):
+                raise InputError(f"--data-weights: give one weight per dataset ({len(pds)}: "
+                                 f"{', '.join(r.name for r in self.roots)})")
+            self.weights = combine(pds, cfg.data_weights).sample_weights
+        self.vals = _vals(cfg, self.roots)
+        used = set(updated_parameter_names(model.sam))
+        for n, p in model.sam.named_parameters():
+            if p.requires_grad and n not in used:
+                p.requires_grad_(False)  # unused in single-image training (memory modules)
+        model.to(device)
+        if cfg.embed_cache:
+            from uniultra.models.embed_cache import attach
+
+            attach(model, cfg.embed_cache)
+        self.model = model
+        if not self.trainable():
+            raise InputError(f"--peft {cfg.peft}: nothing to train")
+        self.module = _LossModule(model, LossWeights.parse(cfg.loss_weights), cfg.two_pass)
+        self.base, self.base_sha = base_identity(cfg, model)
+        self.adapter_only = bool(cfg.adapter_only and self.base is not None)
+
+    def inputs(self, batch: dict, device: torch.device) -> tuple:
+        layout = batch_layout(batch)
+        return super().inputs(batch, device)[0], layout
+
+    def checkpoint_meta(self) -> dict:
+        return {"base": self.base, "base_sha256": self.base_sha, "method": (self.model.peft or {}).get("method"),
+                "datasets": [r.name for r in self.roots], "train_images": len(self.dataset),
+                "image_size": self.model.image_size, "seed": self.cfg.seed, "val_jitter": self.cfg.val_jitter}
+
+    def registration(self, cfg) -> tuple[str | None, str, dict]:
+        method = (self.model.peft or {}).get("method")
+        desc = cfg.description or f"trained from {cfg.model} on {', '.join(r.name for r in self.roots)}"
+        return method, desc, {"base": cfg.model, "method": method}
+
+
+# ------------------------------------------------------------------------------------ distillation
+class _DistillModule(nn.Module):
+    """Student forward + DSKD loss; the frozen teacher is held outside the module tree (DDP
+    neither broadcasts nor syncs it, ``train()`` leaves it in eval mode)."""
+
+    def __init__(self, student, teacher, t_tap, s_tap, proj: nn.ModuleDict, cfg):
+        super().__init__()
+        self.student, self.proj = student, proj
+        self._teacher = (teacher, t_tap)
+        self.s_tap, self.level_terms = s_tap, cfg.level_terms
+        self.fpn_weight, self.level_weight = cfg.fpn_weight, cfg.level_weight
+
+    def forward(self, x: torch.Tensor, target: dict | None):
+        from uniultra.training.distill import distill_loss, teacher_targets
+
+        if target is None:
+            target = teacher_targets(*self._teacher, x, self.level_terms)
+        if self.s_tap is not None:
+            self.s_tap.clear()
+        emb = self.student.encode(x)
+        s_out = {f"fpn{i}": f for i, f in enumerate(emb["fpn"])}
+        if self.s_tap is not None:
+            s_out.update(self.s_tap.terms())
+        return distill_loss(s_out, target, self.proj, self.fpn_weight, self.level_weight)
+
+
+class DistillTask(Task):
+    """DSKD: the student's image encoder learns the teacher's features: ``uniultra distill``."""
+
+    name = "distill"
+
+    def setup(self, trainer: Trainer) -> None:
+        from uniultra.models import build_model
+        from uniultra.training import distill as D
+        from uniultra.training.data import SaltedConcat
+
+        cfg, device = trainer.cfg, trainer.device
+        self.cfg, self.half = cfg, cfg.half
+        self.taps = []
+        teacher = build_model(cfg.teacher, device="cpu")
+        S = int(cfg.image_size or teacher.image_size)
+        if S != teacher.image_size:
+            raise InputError(f"--image-size {S}: the teacher {cfg.teacher} works at {teacher.image_size} px; "
+                             "teacher and student must use the same size")
+        cfg.image_size = S
+        teacher.eval().to(device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if cfg.embed_cache:
+            from uniultra.models.embed_cache import attach
+
+            attach(teacher, cfg.embed_cache)
+        if cfg.level_terms and not hasattr(teacher.sam.image_encoder, "trunk"):
+            trainer.events.emit("note", message=f"note: {teacher.arch.name} has no Hiera trunk, so the block/adapter/"
+                                "sum level terms do not apply: distilling the image embedding its decoder reads")
+            cfg.level_terms = False
+        seed_all(cfg.seed)
+        student = D.build_student(teacher, cfg.student, S, device)
+        t_tap = s_tap = None
+        proj = nn.ModuleDict()
+        if cfg.level_terms:
+            t_trunk, s_trunk = teacher.sam.image_encoder.trunk, student.sam.image_encoder.trunk
+            t_blocks, s_blocks = D.stage_end_blocks(t_trunk), D.stage_end_blocks(s_trunk)
+            t_tap, s_tap = D.FeatureTap(t_trunk, t_blocks), D.FeatureTap(s_trunk, s_blocks)
+            self.taps = [t_tap, s_tap]
+            proj = D.make_projections(s_tap, t_tap, D.stage_dims(s_trunk, s_blocks), D.stage_dims(t_trunk, t_blocks))
+        proj.to(device)
+        self.model, self.proj = student, proj
+
+        self.roots = expand_data_dirs(cfg.data)
+        splits, pds = _train_data(cfg, self.roots, S, 4, {"prompt": "box"})
+        concat = SaltedConcat(pds)
+        self.data_counts = {r.name: len(ds) for r, ds in zip(self.roots, splits)}
+        keys = [f"{ds.name}__{r.id}" for ds in splits for r in ds.records]
+        cache = None
+        if cfg.cache_dir:
+            cache = Path(cfg.cache_dir).expanduser() / f"{Path(str(cfg.teacher)).stem}_{S}_{int(cfg.level_terms)}"
+            D.build_cache(teacher, t_tap, concat, keys, cache, device, cfg.level_terms, progress=trainer.progress)
+        self.dataset = D.TeacherTargets(concat, cache, keys)
+        self.vals = _vals(cfg, self.roots)
+        self.module = _DistillModule(student, teacher, t_tap, s_tap, proj, cfg)
+
+    def inputs(self, batch: dict, device: torch.device) -> tuple:
+        target = {k[2:]: v.to(device).float() for k, v in batch.items() if k.startswith("t_")}
+        return batch["image"].to(device), (target or None)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"proj": self.proj}
+
+    def checkpoint_meta(self) -> dict:
+        return {"distilled_from": str(self.cfg.teacher), "method": "dskd",
+                "datasets": [r.name for r in self.roots], "level_terms": self.cfg.level_terms}
+
+    def title(self) -> str:
+        return f"DSKD {self.cfg.student} <- {self.cfg.teacher}"
+
+    def registration(self, cfg) -> tuple[str | None, str, dict]:
+        return "ch-adapter", cfg.description or f"DSKD student of {cfg.teacher}", \
+            {"base": str(cfg.teacher), "method": "dskd"}
+
+    def summary(self, result: dict) -> None:
+        if result.get("model"):
+            result["student"] = result["model"]
+
+    def close(self) -> None:
+        for tap in self.taps:
+            tap.remove()
+        self.taps = []
+
+
+__all__ = ["SegmentationTask", "DistillTask", "batch_layout", "base_identity"]

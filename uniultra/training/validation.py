@@ -1,0 +1,59 @@
+"""Validation during training: mean Dice per dataset with seeded, jittered box prompts.
+
+The prompts of :func:`uniultra.training.data.val_set` are simulated exactly as
+:func:`uniultra.evaluation.evaluate_dataset` simulates them, so validation Dice and
+``uniultra evaluate`` Dice on the same split agree.  Under DDP each rank scores every
+world-th image and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def validate(model, images, device: torch.device, amp: torch.dtype | None = None, batch: int = 16,
+             rank: int = 0, world: int = 1) -> dict:
+    """Mean Dice per dataset (and their mean, ``"mean"``) of ``model`` on ``ValImage`` s."""
+    from uniultra.data.transforms import box_to_model, image_to_tensor, upsample_logits
+    from uniultra.evaluation.metrics import dice
+
+    was_training = model.training
+    model.eval()
+    S = model.image_size
+    names = sorted({v.dataset for v in images})
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+    mine = images[rank::world]
+    ac = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    for k in range(0, len(mine), batch):
+        chunk = mine[k: k + batch]
+        x = torch.stack([image_to_tensor(v.image, S) for v in chunk]).to(device)
+        rows = [j for j, v in enumerate(chunk) for _ in v.boxes]
+        boxes = [box_to_model(bx, v.gt.shape, S) for v in chunk for bx in v.boxes]
+        logits = None
+        with ac:
+            emb = model.encode(x)
+            if rows:
+                e = model.embedding_rows(emb, torch.as_tensor(rows, device=device))
+                logits, _ = model.decode(e, torch.as_tensor(np.asarray(boxes), dtype=torch.float32, device=device))
+        logits = logits.float().cpu() if logits is not None else None
+        for j, v in enumerate(chunk):
+            pred = np.zeros(v.gt.shape, bool)
+            for r in [r for r, jj in enumerate(rows) if jj == j]:
+                pred |= upsample_logits(logits[r, 0], v.gt.shape, S).numpy() > 0
+            d = names.index(v.dataset)
+            sums[d, 0] += dice(pred, v.gt)
+            sums[d, 1] += 1
+    if world > 1:
+        red = sums.to(device) if device.type == "cuda" else sums
+        dist.all_reduce(red)
+        sums = red.cpu()
+    if was_training:
+        model.train()
+    out = {n: float(sums[i, 0] / max(1.0, float(sums[i, 1]))) for i, n in enumerate(names)}
+    out["mean"] = float(np.mean([out[n] for n in names])) if names else float("nan")
+    return out
