@@ -23,6 +23,11 @@ from uniultra.inference.predictor import check_box, check_image
 PARITY_TOLERANCE = 1e-3  # max |logit| difference accepted between onnxruntime and PyTorch
 
 
+def _single_embedding(model) -> bool:
+    """LiteMedSAM-family models: the decoder reads the image embedding alone."""
+    return getattr(getattr(model, "arch", None), "family", "sam2") != "sam2"
+
+
 class _Encoder(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -31,7 +36,21 @@ class _Encoder(nn.Module):
     def forward(self, image: torch.Tensor):
         e = self.model.encode(image)
         high = e["high_res_feats"]
+        if high is None:
+            return (e["image_embed"],)
         return e["image_embed"], high[0], high[1]
+
+
+class _LiteDecoder(nn.Module):
+    """LiteMedSAM family: box corners arrive as points labelled 2 and 3, padding as -1."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embed, point_coords, point_labels):
+        sparse = self.model.sparse_embeddings(point_coords, point_labels)
+        return self.model.decode_sparse({"image_embed": image_embed}, sparse)
 
 
 class _Decoder(nn.Module):
@@ -52,7 +71,8 @@ def decoder_path(out: str | Path) -> Path:
 
 def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
     """Write the encoder to ``out`` and the decoder beside it; both written atomically."""
-    if not model.sam.use_high_res_features_in_sam:
+    single = _single_embedding(model)
+    if not single and not model.sam.use_high_res_features_in_sam:
         raise InputError(f"model {model.name} has no high-resolution decoder features; ONNX export needs them")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,19 +80,23 @@ def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
     s = model.image_size
     image = torch.zeros(1, 3, s, s)
     with torch.no_grad():
-        emb, f0, f1 = _Encoder(model)(image)
+        feats = _Encoder(model)(image)
     coords = torch.tensor([[[10.0, 10.0], [s / 2, s / 2], [s / 4, s / 4]]])
     labels = torch.tensor([[2, 3, 1]], dtype=torch.int64)
+    if single:
+        decoder, dec_inputs, feat_names = _LiteDecoder(model), (feats[0], coords, labels), ["image_embed"]
+    else:
+        decoder, dec_inputs, feat_names = _Decoder(model), (*feats, coords, labels), ["image_embed", "feat_s0", "feat_s1"]
     dec_out = decoder_path(out)
     tmp_enc, tmp_dec = out.with_name(f".{out.name}.tmp"), dec_out.with_name(f".{dec_out.name}.tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(_Encoder(model), (image,), str(tmp_enc), dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=["image_embed", "feat_s0", "feat_s1"])
-            torch.onnx.export(_Decoder(model), (emb, f0, f1, coords, labels), str(tmp_dec), dynamo=False,
+                              input_names=["image"], output_names=feat_names)
+            torch.onnx.export(decoder, dec_inputs, str(tmp_dec), dynamo=False,
                               opset_version=opset,
-                              input_names=["image_embed", "feat_s0", "feat_s1", "point_coords", "point_labels"],
+                              input_names=feat_names + ["point_coords", "point_labels"],
                               output_names=["logits", "iou"],
                               dynamic_axes={"point_coords": {1: "points"}, "point_labels": {1: "points"}})
         tmp_enc.replace(out)
@@ -119,11 +143,14 @@ class OnnxPredictor:
             labs += list(labels if labels is not None else [1] * len(points))
         if not coords:
             raise InputError("no prompt given: a box or at least one point is needed")
-        emb, f0, f1 = self._feats
-        logits, iou = self.decoder.run(None, {
-            "image_embed": emb, "feat_s0": f0, "feat_s1": f1,
-            "point_coords": np.asarray([coords], dtype=np.float32),
-            "point_labels": np.asarray([labs], dtype=np.int64)})
+        names = [i.name for i in self.decoder.get_inputs()]
+        if "feat_s0" not in names and box is None:  # LiteMedSAM: SAM's padding point for points alone
+            coords.append([0.0, 0.0])
+            labs.append(-1)
+        feeds = dict(zip(names, self._feats))
+        feeds.update(point_coords=np.asarray([coords], dtype=np.float32),
+                     point_labels=np.asarray([labs], dtype=np.int64))
+        logits, iou = self.decoder.run(None, feeds)
         return logits, float(iou[0, 0])
 
     def predict(self, box=None, points=None, labels=None) -> tuple[np.ndarray, float]:

@@ -192,20 +192,46 @@ class LiteMedSAMModel(nn.Module):
         return {"image_embed": emb["image_embed"][rows], "high_res_feats": None}
 
     # ---------------------------------------------------------------- decoder
+    def sparse_embeddings(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """SAM's sparse prompt embedding for points with labels -1 (padding), 0/1 (negative /
+        positive point) and 2/3 (box corners): exactly what SAM's prompt encoder computes for
+        points and boxes, in one traceable expression (used by ONNX export too)."""
+        pe = self.sam.sam_prompt_encoder
+        e = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)
+        lab = labels.unsqueeze(-1)
+        e = torch.where(lab == -1, pe.not_a_point_embed.weight.expand_as(e), e)
+        for k in range(4):
+            e = e + (lab == k).to(e.dtype) * pe.point_embeddings[k].weight
+        return e
+
     def decode(self, emb: dict, boxes=None, point_coords=None, point_labels=None, mask_input=None,
                multimask: bool = False):
+        """SAM's prompt encoder and mask decoder: a box and points together, as SAM takes them
+        (points alone get SAM's padding point)."""
+        coords, labels = point_coords, None if point_labels is None else point_labels.to(torch.int64)
+        if boxes is not None:
+            b = boxes.reshape(-1, 2, 2)
+            box_labels = torch.tensor([2, 3], device=b.device, dtype=torch.int64).expand(b.shape[0], 2)
+            coords = b if coords is None else torch.cat([coords, b], dim=1)
+            labels = box_labels if labels is None else torch.cat([labels, box_labels], dim=1)
+        elif coords is not None:
+            coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
+        if coords is None:
+            raise ValueError("a prompt needs a box or points")
+        return self.decode_sparse(emb, self.sparse_embeddings(coords.float(), labels), mask_input, multimask)
+
+    def decode_sparse(self, emb: dict, sparse: torch.Tensor, mask_input=None, multimask: bool = False):
         pe = self.sam.sam_prompt_encoder
-        points = None
-        if point_coords is not None:
-            points = (point_coords, point_labels.to(torch.int64))
-        box = None if boxes is None else boxes.reshape(-1, 4)
-        sparse, dense = pe(points=points, boxes=box, masks=mask_input)
         n = sparse.shape[0]
         image_embed = emb["image_embed"]
         if image_embed.shape[0] not in (1, n):
             raise ValueError(f"{n} prompt sets for {image_embed.shape[0]} images")
-        if dense.shape[0] != n:  # no mask prompt: SAM's no-mask embedding has batch 1
-            dense = dense.expand(n, -1, -1, -1)
+        if mask_input is not None:
+            dense = pe._embed_masks(mask_input)
+        else:
+            h, w = pe.image_embedding_size
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
         logits, iou = self.sam.sam_mask_decoder(
             image_embeddings=image_embed,
             image_pe=pe.get_dense_pe(),
