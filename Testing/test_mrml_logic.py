@@ -194,7 +194,13 @@ def test_cine_prompt_then_scrub_then_apply_writes_the_prompts_frame(ctx):
     cine.select(2)
     drag(c, g, s2r, (2, 2), (5, 5))
     assert c.prompts()[0].frame == 2 and c.engine.images[-1][0, 0] == 20
-    cine.select(4)  # scrub away before applying
+    preview_pixels = lambda: segment_array(c.preview_node, "preview", cine.proxy).sum()  # noqa: E731
+    assert preview_pixels() == 16
+    cine.select(4)  # scrub away before applying: the preview shows frame 4's (none)
+    assert preview_pixels() == 0
+    cine.select(2)
+    assert preview_pixels() == 16
+    cine.select(4)
     target_now = ViewTarget.from_view(ctx, cine.proxy, s2r)
     assert target_now.current_index == 4  # a new target sees the new frame; the prompt keeps its own
     r = c.apply()

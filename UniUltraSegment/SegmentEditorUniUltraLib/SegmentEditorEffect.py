@@ -231,7 +231,7 @@ segmentation one per frame. Masking settings (editable area, intensity range, ov
 
     def _show(self, reply):
         """Show a controller reply; returns whether the event was ours."""
-        if reply.status or reply.error:
+        if (reply.status or reply.error) and hasattr(self, "statusLabel"):
             self.statusLabel.text = reply.status
             self.statusLabel.setStyleSheet("color: #c0392b" if reply.error else "")
             if reply.error:
