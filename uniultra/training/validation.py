@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+DECODE_ROWS = 32  # prompts decoded at once (LiteMedSAM's decoder keeps 256x256 maps per prompt)
+
 
 @torch.no_grad()
 def validate(model, images, device: torch.device, amp: torch.dtype | None = None, batch: int = 16,
@@ -37,9 +39,13 @@ def validate(model, images, device: torch.device, amp: torch.dtype | None = None
         logits = None
         with ac:
             emb = model.encode(x)
-            if rows:
-                e = model.embedding_rows(emb, torch.as_tensor(rows, device=device))
-                logits, _ = model.decode(e, torch.as_tensor(np.asarray(boxes), dtype=torch.float32, device=device))
+            if rows:  # in slices of DECODE_ROWS prompts: images with many objects stay in bounded memory
+                parts = []
+                for r0 in range(0, len(rows), DECODE_ROWS):
+                    e = model.embedding_rows(emb, torch.as_tensor(rows[r0:r0 + DECODE_ROWS], device=device))
+                    b = torch.as_tensor(np.asarray(boxes[r0:r0 + DECODE_ROWS]), dtype=torch.float32, device=device)
+                    parts.append(model.decode(e, b)[0].float().cpu())
+                logits = torch.cat(parts)
         logits = logits.float().cpu() if logits is not None else None
         for j, v in enumerate(chunk):
             pred = np.zeros(v.gt.shape, bool)
