@@ -7,7 +7,7 @@ tests drive alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,34 +16,6 @@ from .geometry import SliceGeometry, extract_frame, slice_geometry, volume_array
 from .sequences import Cine, find_cine
 
 Box = tuple[int, int, int, int]
-
-
-@dataclass
-class Prompts:
-    """Prompts on one frame, in frame pixels: boxes (x0, y0, x1, y1) inclusive, points with 1/0 labels."""
-
-    boxes: list[Box] = field(default_factory=list)
-    points: list[tuple[int, int]] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not self.boxes and not self.points
-
-    def add_box_ras(self, geometry: SliceGeometry, ras_a, ras_b) -> Box:
-        box = geometry.ras_box_to_pixel_box(ras_a, ras_b)
-        self.boxes.append(box)
-        return box
-
-    def add_point_ras(self, geometry: SliceGeometry, ras, positive: bool = True) -> tuple[int, int]:
-        p = geometry.ras_to_pixel_int(ras)
-        self.points.append(p)
-        self.labels.append(1 if positive else 0)
-        return p
-
-    def clear(self) -> None:
-        self.boxes.clear()
-        self.points.clear()
-        self.labels.clear()
 
 
 @dataclass
@@ -85,13 +57,6 @@ class ViewTarget:
     def count(self) -> int:
         """Frames (cine) or slices along the view axis (3D)."""
         return self.cine.num_frames if self.is_cine else self.geometry.dims[self.geometry.axis]
-
-
-def frames_for_propagation(target: ViewTarget) -> list[np.ndarray]:
-    """All frames (cine) or all slices along the view axis (3D), as numpy copies for a worker."""
-    if target.is_cine:
-        return target.cine.frames(target.geometry)
-    return target.geometry.frames_from_array(np.array(volume_array(target.volume)))
 
 
 def validate_box(box, shape) -> Box:

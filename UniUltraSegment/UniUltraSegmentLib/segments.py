@@ -87,11 +87,6 @@ def labelmap_from_masks(geometry: SliceGeometry, masks: Mapping[int, np.ndarray]
     return oriented_image_from_array(arr, geometry.ijk_to_ras, tuple(origin))
 
 
-def labelmap_from_frame_mask(geometry: SliceGeometry, mask: np.ndarray, index: int | None = None):
-    """A one-slice labelmap for a (H, W) mask on slice `index` (default: the slice the view shows)."""
-    return labelmap_from_masks(geometry, {geometry.index if index is None else index: mask})
-
-
 def segment_array(seg_node, segment_id: str, volume_node) -> np.ndarray:
     """The segment as a 0/1 uint8 array (K, J, I) on the voxel grid of `volume_node`."""
     import slicer
