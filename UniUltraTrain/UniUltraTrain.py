@@ -642,7 +642,7 @@ class UniUltraTrainLogic(ScriptedLoadableModuleLogic):
         if str(model).endswith((".pt", ".pth", ".ckpt")):
             return Path(model).is_file()
         try:
-            from uniultra.models.registry import load_registry
+            from uniultra.registry import load_registry  # torch-free
 
             entry = load_registry().get(model)
             return entry is not None and entry.installed
