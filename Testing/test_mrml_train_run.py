@@ -45,25 +45,33 @@ def test_command_lines(tmp_path):
     o = runner.TrainOptions(data=[str(tmp_path)], out=str(tmp_path / "run"), base="sam2.1-hiera-tiny",
                             method="lora", epochs=3, lr=5e-5, image_size=256, device="cpu", register="mine")
     o.check()
+    recipe = tmp_path / "run" / "recipe.yaml"
     a = runner.train_args(o)
-    assert a[:5] == ["train", "--model", "sam2.1-hiera-tiny", "--peft", "lora"]
-    for flag, value in [("--data", str(tmp_path)), ("--out", str(tmp_path / "run")), ("--epochs", "3"),
-                        ("--lr", "5e-05"), ("--image-size", "256"), ("--device", "cpu"), ("--register", "mine")]:
-        assert a[a.index(flag) + 1] == value
-    assert "--resume" not in a
+    assert a == ["train", "--config", str(recipe)]
     o.resume = True
-    assert "--resume" in runner.train_args(o)
+    assert runner.train_args(o) == ["train", "--config", str(recipe), "--resume"]
     cmd = runner.command(a, "/x/PythonSlicer")
     assert cmd[:3] == ["/x/PythonSlicer", "-m", "uniultra.cli"]
+    # the recipe holds what the panel set; the engine's configuration reads it with its own defaults
+    assert o.write_recipe() == recipe
+    from uniultra.training.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, recipe)
+    assert (cfg.model, cfg.peft, cfg.epochs, cfg.lr, cfg.image_size, cfg.device, cfg.register) == \
+        ("sam2.1-hiera-tiny", "lora", 3, 5e-5, 256, "cpu", "mine")
+    assert cfg.data == [str(tmp_path)] and cfg.out == str(tmp_path / "run") and cfg.progress_bar is False
+    assert cfg.batch_size == TrainConfig.__dataclass_fields__["batch_size"].default  # not re-implemented here
     d = runner.DistillOptions(data=[str(tmp_path)], out=str(tmp_path / "d"), teacher="t.pt", student=STUDENT)
-    assert runner.distill_args(d)[:5] == ["distill", "--teacher", "t.pt", "--student", STUDENT]
+    assert runner.distill_args(d)[:3] == ["distill", "--config", str(tmp_path / "d" / "recipe.yaml")]
+    assert d.recipe()["teacher"] == "t.pt" and d.recipe()["student"] == STUDENT and "epochs" not in d.recipe()
     env = runner.engine_env()
     assert str(REPO) in env["PYTHONPATH"].split(os.pathsep) and env["PYTHONUNBUFFERED"] == "1"
     bad = [
         ({"method": "magic"}, "adaptation method 'magic'"),
         ({"lr": 0.0}, "learning rate"),
-        ({"image_size": 100}, "image size 100"),
-        ({"register": "my model"}, "model name 'my model'"),
+        ({"image_size": 100}, "image-size 100"),
+        ({"epochs": 0}, "epochs 0"),
+        ({"register": "my model"}, "register my model"),
         ({"base": str(tmp_path / "missing.pt")}, "missing.pt' does not exist"),
         ({"data": [str(tmp_path / "nope")]}, "nope' does not exist"),
     ]
@@ -74,11 +82,17 @@ def test_command_lines(tmp_path):
             runner.TrainOptions(**kw).check()
 
 
-def test_progress_metrics_and_chart(ctx, tmp_path):
-    assert runner.parse_progress("train:  40%|####      | 4/10 [00:01<00:02,  3.30step/s]") == (4, 10)
-    assert runner.parse_progress("step 7/20 loss 0.5") == (7, 20)
-    assert runner.parse_progress("step 3: val Dice 0.5000 ds=0.5") is None
-    assert runner.is_progress_bar("train: 100%|##########| 3/3 [00:00<00:00]")
+def test_events_metrics_and_chart(ctx, tmp_path):
+    from uniultra.events import EventLog, read_events
+
+    log = EventLog([tmp_path / "events.jsonl"], say=lambda m: None)
+    log.emit("step", step=1, total_steps=4, epoch=0.25)
+    log.emit("validation", step=2, val_dice=0.5, per_dataset={"ds": 0.5}, best=0.5, best_step=2, improved=True)
+    events, offset = read_events(tmp_path / "events.jsonl")
+    assert [e["event"] for e in events] == ["step", "validation"] and events[1]["per_dataset"] == {"ds": 0.5}
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"event": "step", "step": 3, "tot')  # a line still being written is left for later
+    assert read_events(tmp_path / "events.jsonl", offset) == ([], offset)
     (tmp_path / "metrics.csv").write_text(
         "step,epoch,lr,train_loss,val_dice,val_ds,img_per_s,elapsed_s\n"
         "2,0.5,0.0001,1.5,,,10,1\n3,1.0,0.0001,,0.4,0.4,,2\n4,1.3,0.0001,1.2,,,11,3\n")
@@ -89,8 +103,6 @@ def test_progress_metrics_and_chart(ctx, tmp_path):
     chart.update(m)
     assert chart.values("loss") == [(2.0, 1.5), (4.0, 1.2)] and chart.values("val_dice") == [(3.0, 0.4)]
     assert chart.chart.GetNumberOfPlotSeriesNodes() == 2
-    png = runner.chart_png(m, tmp_path / "chart.png")
-    assert png is not None and png.stat().st_size > 0
     assert runner.parse_json_output('log line\n{"datasets": {"a": {"dice": 0.5}}}\n') == {"datasets": {"a": {"dice": 0.5}}}
     rows = runner.comparison_rows({"dice": 0.5, "ellipse_dice": 0.8, "boxfill_dice": 0.6},
                                   {"dice": 0.9, "ellipse_dice": 0.8, "boxfill_dice": 0.6})
@@ -159,7 +171,10 @@ def test_train_cancel_resume_register_and_segment(ctx, tmp_path, monkeypatch, tr
     assert run2.status == "finished"
     summary = run2.summary()
     assert summary["status"] == "finished" and summary["resumed"] is True and summary["step"] == total
-    assert any("resumed" in line for line in run2.lines)
+    assert any("resumed" in line for line in run2.lines)  # the human line made from the start event
+    assert run2.last_val is not None and run2.last_val[0] == total  # from events.jsonl, not from printed text
+    kinds = [e["event"] for e in run2.events]
+    assert kinds[0] == "start" and kinds[-1] == "finished" and "validation" in kinds and "checkpoint" in kinds
     m = run2.metrics()
     assert m["val_dice"] and m["val_dice"][-1][0] == total and m["loss"]
     assert (out / "model.pt").is_file() and (out / "slicer-train.log").is_file()
@@ -201,10 +216,10 @@ def test_distill_and_compare(ctx, tmp_path, monkeypatch, distill_cli):
                                     lr=1e-3, image_size=64, batch_size=1, device="cpu", register="tiny-student")
     run = runner.TrainingRun(options, python=sys.executable).start()
     assert run.wait(180) == 0, run.output()[-3000:]
-    assert run.status == "finished" and run.progress is not None
+    assert run.status == "finished" and run.progress == (2, 2)
+    assert run.last_val is not None and run.last_val[0] == 2  # the distillation's validation reaches the panel
     student = (run.summary() or {}).get("model") or str(tmp_path / "student" / "model.pt")
     rows = runner.compare_models({"teacher": options.teacher, "student": student}, res.out, "val", "cpu",
                                  python=sys.executable, timeout=180)
     assert [r["model"] for r in rows] == ["teacher", "student"]
     assert all(0.0 <= r["dice"] <= 1.0 and r["seconds_per_image"] > 0 for r in rows)
-    assert rows[0]["speedup"] == pytest.approx(1.0)

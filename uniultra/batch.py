@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from uniultra.errors import Cancelled, InputError
+from uniultra.events import LazyAppend as _LazyAppend  # the engine's one JSON-lines event module
+from uniultra.events import emit_event, jsonable
 
 STATE_DIR = ".uniultra-batch"  # claims, staging, failure records (inside the output folder)
 EXIT_INPUT = 2
@@ -372,44 +374,6 @@ class Claim:
         self._lock.release()
 
 
-# ============================================================================== events
-def emit_event(stream, name: str, **fields) -> None:
-    """One JSON-lines event ``{"event": name, "time": unix seconds, ...fields}`` (flushed).
-    Kept local to the batch runner until the engine has one event module."""
-    if stream is not None:
-        stream.write(json.dumps({"event": name, "time": round(time.time(), 3), **fields}, default=_jsonable) + "\n")
-        stream.flush()
-
-
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
-
-
-class _LazyAppend:
-    """An append-mode text file opened at the first write (a run refused up front writes nothing)."""
-
-    def __init__(self, path: Path):
-        self.path, self._f = path, None
-
-    def write(self, text: str) -> None:
-        if self._f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write(text)
-
-    def flush(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
 # ============================================================================== one clip
 def read_clip(job: ClipJob) -> tuple[list[np.ndarray], tuple[float, float]]:
     """Frames of a clip (file, folder of frames or glob) and its pixel spacing (x, y) in mm."""
@@ -671,7 +635,7 @@ def write_clip(dest: Path, job: ClipJob, frames, spacing, masks, rows, meta: dic
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    (dest / "clip.json").write_text(json.dumps(meta, indent=2, default=_jsonable), encoding="utf-8")
+    (dest / "clip.json").write_text(json.dumps(meta, indent=2, default=jsonable), encoding="utf-8")
 
 
 # ============================================================================== the run

@@ -40,7 +40,7 @@ Progress = Callable[[int, int, str], None]
 log = logging.getLogger("uniultra")
 
 
-def _jsonable(v: Any):
+def jsonable(v: Any):
     if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
         return v.item()
     if isinstance(v, Path):
@@ -61,7 +61,7 @@ def _clean(v):
 
 def event_line(kind: str, /, **fields) -> str:
     """The JSON line (with its newline) of one event."""
-    return json.dumps(_clean({"event": kind, "time": round(time.time(), 3), **fields}), default=_jsonable) + "\n"
+    return json.dumps(_clean({"event": kind, "time": round(time.time(), 3), **fields}), default=jsonable) + "\n"
 
 
 def emit_event(stream: IO[str] | None, kind: str, /, **fields) -> None:
@@ -214,5 +214,5 @@ def console_progress(desc: str = "", unit: str = "step") -> Progress:
     return progress
 
 
-__all__ = ["Progress", "EventLog", "LazyAppend", "emit_event", "event_line", "read_events", "format_event",
+__all__ = ["Progress", "EventLog", "LazyAppend", "emit_event", "event_line", "jsonable", "read_events", "format_event",
            "console_progress"]

@@ -4,20 +4,23 @@ Training runs in its own process (`PythonSlicer` inside Slicer, any Python with 
 outside) so the application stays responsive, a crash cannot take the scene with it, and
 Cancel can always stop it.  The runner
 
-* builds the command line from options (base model, adaptation method, epochs, lr, ...);
-* starts it in its own process group and streams its output line by line (tqdm's carriage
-  returns count as line ends), parsing progress ("12/40") and validation lines;
-* reads the trainer's files in the run folder: ``metrics.csv`` (step, epoch, lr, train_loss,
-  val_dice, val_<dataset>..., img_per_s, elapsed_s) for the live chart, ``summary.json`` at the
-  end, ``last.pt`` for Resume;
+* writes what the panel chose (base model, adaptation method, epochs, lr, ...) as a recipe file,
+  ``<out>/recipe.yaml``, and launches ``uniultra train --config <out>/recipe.yaml`` (defaults and
+  checks are the engine's: :mod:`uniultra.training.config`, imported without torch);
+* starts it in its own process group and streams its output line by line for the log;
+* follows the trainer's machine-readable events, ``<out>/events.jsonl`` (step, validation,
+  checkpoint, finished/cancelled/failed: :mod:`uniultra.events`), for progress and the latest
+  validation Dice, and reads ``metrics.csv`` (step, epoch, lr, train_loss, val_dice,
+  val_<dataset>..., img_per_s, elapsed_s) for the live chart, ``summary.json`` at the end,
+  ``last.pt`` for Resume;
 * cancels by sending SIGINT to the group (the trainer stops after the current step and saves its
   resume state), escalating to terminate/kill after a grace period; ``best.pt`` stays;
 * evaluates models on the validation split with ``uniultra evaluate --json`` (Dice next to the
   ellipse-in-box and filled-box baselines, seconds per image) and registers a trained model in
   the engine's user registry with its provenance.
 
-Nothing here imports torch: the engine is only reached through its command line, except for
-registration (`uniultra.models.registry`, imported lazily).
+Nothing here imports torch: the engine is reached through its command line, its torch-free
+configuration and event modules, and registration (`uniultra.models.registry`, imported lazily).
 """
 
 from __future__ import annotations
@@ -48,32 +51,30 @@ STUDENTS = ("uniultra-student-e8", "uniultra-student-e16", "uniultra-student-e24
             "uniultra-student-e48")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
-_PROGRESS = re.compile(r"(\d+)/(\d+)\s*\[")  # tqdm: " 40%|####      | 4/10 [00:01<00:02, ...]"
-_STEP_VAL = re.compile(r"step (\d+): val Dice ([0-9.]+|nan)")
-_STEP = re.compile(r"step (\d+)/(\d+)")
 
 
 # ------------------------------------------------------------------------------------ options
 @dataclass
 class _RunOptions:
-    """The options `uniultra train` and `uniultra distill` share."""
+    """The options `uniultra train` and `uniultra distill` share; None = the engine's default."""
 
     data: list[str]
     out: str
-    epochs: int = 20
+    epochs: int | None = None
     steps: int | None = None
-    lr: float = 1e-4
+    lr: float | None = None
     image_size: int | None = None  # default: the base model's
     batch_size: int | None = None
     device: str = "auto"
-    seed: int = 0
+    seed: int | None = None
     register: str | None = None
     description: str = ""
     resume: bool = False
     extra_args: list[str] = field(default_factory=list)
 
     def _check_common(self, base: str) -> None:
-        """Raise ValueError naming the option and what to do; ``base`` is the model trained from."""
+        """Raise ValueError naming the option and what to do; ``base`` is the model trained from.
+        Values are checked by the engine's configuration (the same check as the command line's)."""
         if not self.data:
             raise ValueError("no training data: export a dataset first (or choose a dataset folder)")
         for d in self.data:
@@ -81,28 +82,45 @@ class _RunOptions:
                 raise ValueError(f"training data folder '{d}' does not exist: export the dataset first")
         if not self.out:
             raise ValueError("no output folder: choose where the trained model goes")
-        if self.epochs < 1:
-            raise ValueError(f"epochs {self.epochs}: give at least 1")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps {self.steps}: give at least 1")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"learning rate {self.lr}: give a positive number such as 1e-4")
-        if self.image_size is not None and (self.image_size < 64 or self.image_size % 32):
-            raise ValueError(f"image size {self.image_size}: give a multiple of 32, at least 64 (e.g. 256)")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ValueError(f"device '{self.device}' is not one of {', '.join(DEVICES)}")
-        if self.register is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.register):
-            raise ValueError(f"model name '{self.register}': use letters, digits, '.', '_' or '-' (no spaces)")
         base = base.strip()
         if not base:
             raise ValueError("no base model: choose the bundled default, a checkpoint file or a trained model")
         if base.endswith((".pt", ".pth", ".ckpt")) and not Path(base).is_file():
             raise ValueError(f"base checkpoint '{base}' does not exist: choose the file again")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device '{self.device}' is not one of {', '.join(DEVICES)}")
+        self.config()  # the engine's checks (learning rate, image size, epochs, model name, ...)
+
+    def recipe(self) -> dict:
+        """The options the panel set, as recipe keys (the engine supplies every other default)."""
+        r = {"data": [str(d) for d in self.data], "out": str(self.out), "device": self.device,
+             "progress_bar": False}
+        for key in ("epochs", "steps", "lr", "image_size", "batch_size", "seed", "register"):
+            if getattr(self, key) is not None:
+                r[key] = getattr(self, key)
+        if self.description:
+            r["description"] = self.description
+        return r
+
+    def config(self):
+        """The engine's configuration object for :meth:`recipe` (raises ValueError when invalid)."""
+        from uniultra.training.config import DistillConfig, TrainConfig
+
+        cls = DistillConfig if isinstance(self, DistillOptions) else TrainConfig
+        return cls(**self.recipe())
+
+    def write_recipe(self) -> Path:
+        """Write ``<out>/recipe.yaml`` (JSON, which YAML reads) and return its path."""
+        path = recipe_path(self.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "# written by the UniUltra Train module; run with `uniultra train|distill --config` this file\n"
+        path.write_text(text + json.dumps(self.recipe(), indent=2) + "\n", encoding="utf-8")
+        return path
 
 
 @dataclass
 class TrainOptions(_RunOptions):
-    """What the Train panel offers; becomes `uniultra train` arguments."""
+    """What the Train panel offers; becomes a `uniultra train` recipe."""
 
     base: str = DEFAULT_BASE  # registry name, SAM2/SAM2.1 checkpoint file, earlier trained model
     method: str = "ch-adapter"
@@ -114,53 +132,49 @@ class TrainOptions(_RunOptions):
             raise ValueError(f"adaptation method '{self.method}' is not one of {', '.join(METHODS)}")
         self._check_common(self.base)
 
+    def recipe(self) -> dict:
+        r = {"model": self.base.strip(), "peft": self.method, **super().recipe()}
+        if self.random_init:
+            r["random_init"] = True
+        return r
+
 
 @dataclass
 class DistillOptions(_RunOptions):
-    """What the Distill panel offers; becomes `uniultra distill` arguments."""
+    """What the Distill panel offers; becomes a `uniultra distill` recipe."""
 
     teacher: str = DEFAULT_BASE
     student: str = DEFAULT_STUDENT
 
     def check(self) -> None:
-        self._check_common(self.teacher)
         if not self.student:
             raise ValueError("no student: choose a student size (e.g. uniultra-student-e16)")
+        self._check_common(self.teacher)
+
+    def recipe(self) -> dict:
+        return {"teacher": self.teacher.strip(), "student": self.student, **super().recipe()}
 
 
-def _common_args(o, resume: bool) -> list[str]:
-    args: list[str] = []
-    for d in o.data:
-        args += ["--data", str(d)]
-    args += ["--out", str(o.out), "--epochs", str(int(o.epochs)), "--lr", f"{o.lr:g}", "--device", o.device,
-             "--seed", str(int(o.seed))]
-    if o.steps is not None:
-        args += ["--steps", str(int(o.steps))]
-    if o.image_size is not None:
-        args += ["--image-size", str(int(o.image_size))]
-    if o.batch_size is not None:
-        args += ["--batch-size", str(int(o.batch_size))]
-    if o.register:
-        args += ["--register", o.register]
-    if o.description:
-        args += ["--description", o.description]
-    if resume:
+def recipe_path(out: str | os.PathLike) -> Path:
+    return Path(out) / "recipe.yaml"
+
+
+def _args(command: str, o: _RunOptions) -> list[str]:
+    args = [command, "--config", str(recipe_path(o.out))]
+    if o.resume:
         args.append("--resume")
-    return args
+    return args + list(o.extra_args)
 
 
 def train_args(o: TrainOptions) -> list[str]:
-    """`uniultra train ...` arguments (without the program)."""
-    args = ["train", "--model", o.base.strip(), "--peft", o.method] + _common_args(o, o.resume)
-    if o.random_init:
-        args.append("--random-init")
-    return args + list(o.extra_args)
+    """`uniultra train --config <out>/recipe.yaml ...` arguments (without the program); the
+    recipe itself is written by :meth:`TrainOptions.write_recipe` (TrainingRun does it)."""
+    return _args("train", o)
 
 
 def distill_args(o: DistillOptions) -> list[str]:
-    """`uniultra distill ...` arguments (without the program)."""
-    args = ["distill", "--teacher", o.teacher.strip(), "--student", o.student] + _common_args(o, o.resume)
-    return args + list(o.extra_args)
+    """`uniultra distill --config <out>/recipe.yaml ...` arguments (without the program)."""
+    return _args("distill", o)
 
 
 def evaluate_args(model: str, data: str, split: str = "val", device: str = "auto", seed: int = 0,
@@ -210,25 +224,13 @@ def command(args: Sequence[str], python: str | None = None) -> list[str]:
     return [python or python_executable(), "-m", "uniultra.cli", *args]
 
 
-def parse_progress(line: str) -> tuple[int, int] | None:
-    """(done, total) from a tqdm bar or a "step N/M" message, else None."""
-    m = _PROGRESS.search(line) or _STEP.search(line)
-    if not m:
-        return None
-    done, total = int(m.group(1)), int(m.group(2))
-    return (done, total) if total > 0 else None
-
-
-def is_progress_bar(line: str) -> bool:
-    return bool(_PROGRESS.search(line)) and "|" in line
-
-
 class EngineProcess:
     """One `uniultra ...` subprocess with streamed output and a cancel that leaves files usable.
 
     `poll()` (call it from a timer on the main thread) returns the new log lines since the last
-    call; progress bars update `progress` instead of flooding the log.  Everything the process
-    printed is in `lines`, and also in `log_path` when given.
+    call.  Everything the process printed is in `lines`, and also in `log_path` when given.
+    A training run (:class:`TrainingRun`) also follows the run's events file: `progress`
+    (done, total) and `last_val` (step, val Dice) come from there, never from printed text.
     """
 
     def __init__(self, args: Sequence[str], python: str | None = None, env: dict | None = None,
@@ -296,7 +298,7 @@ class EngineProcess:
         return None if self.proc is None else self.proc.poll()
 
     def poll(self) -> list[str]:
-        """New log lines (progress bars excluded); updates `progress` and `last_val`."""
+        """New log lines; a training run also updates `progress` and `last_val` from its events."""
         if self._reader is not None and self._reader.is_alive():
             # Inside Slicer the main thread keeps the GIL while Qt waits for events (PythonQt), so
             # the reader thread only runs when main-thread Python does: a short join here hands it
@@ -314,18 +316,15 @@ class EngineProcess:
             line = line.rstrip()
             if not line:
                 continue
-            p = parse_progress(line)
-            if p is not None:
-                self.progress = p
-            m = _STEP_VAL.search(line)
-            if m:
-                self.last_val = (int(m.group(1)), float(m.group(2)))
             self.lines.append(line)
             if self._log is not None:
                 self._log.write(line + "\n")
-            if not is_progress_bar(line):
-                out.append(line)
+            out.append(line)
+        self._poll_events()
         return out
+
+    def _poll_events(self) -> None:
+        """Overridden by runs that write an events file."""
 
     def _finish(self) -> None:
         if self._log is not None:
@@ -397,7 +396,7 @@ class EngineProcess:
 
 
 class TrainingRun(EngineProcess):
-    """A `uniultra train` / `uniultra distill` run in folder `out`."""
+    """A `uniultra train` / `uniultra distill` run in folder `out`, launched from a recipe file."""
 
     def __init__(self, options: TrainOptions | DistillOptions, python: str | None = None, env: dict | None = None):
         options.check()
@@ -405,6 +404,32 @@ class TrainingRun(EngineProcess):
         self.out = Path(options.out)
         args = distill_args(options) if isinstance(options, DistillOptions) else train_args(options)
         super().__init__(args, python, env, log_path=self.out / "slicer-train.log")
+        self.events: list[dict] = []
+        self.events_path = self.out / "events.jsonl"
+        self._events_offset = 0
+
+    def start(self) -> TrainingRun:
+        self.options.write_recipe()
+        with contextlib.suppress(OSError):  # earlier runs' events (a resumed run appends)
+            self._events_offset = self.events_path.stat().st_size
+        super().start()
+        return self
+
+    def _poll_events(self) -> None:
+        from uniultra.events import read_events
+
+        new, self._events_offset = read_events(self.events_path, self._events_offset)
+        for ev in new:
+            self.events.append(ev)
+            if ev["event"] == "step" and ev.get("total_steps"):
+                self.progress = (int(ev["step"]), int(ev["total_steps"]))
+            elif ev["event"] == "start" and ev.get("total_steps"):
+                self.progress = (int(ev["step"]), int(ev["total_steps"]))
+            elif ev["event"] == "validation" and ev.get("val_dice") is not None:
+                self.last_val = (int(ev["step"]), float(ev["val_dice"]))
+
+    def last_event(self, *kinds: str) -> dict | None:
+        return next((e for e in reversed(self.events) if e["event"] in kinds), None)
 
     @property
     def can_resume(self) -> bool:
@@ -424,7 +449,9 @@ class TrainingRun(EngineProcess):
         rc = self.proc.poll()
         if rc is None:
             return "running"
-        if self.cancel_requested:
+        self._poll_events()
+        end = self.last_event("finished", "cancelled", "failed")
+        if self.cancel_requested or (end is not None and end["event"] == "cancelled"):
             return "cancelled"
         if rc == 0:
             s = self.summary()
@@ -432,12 +459,14 @@ class TrainingRun(EngineProcess):
         return "failed"
 
     def error_message(self) -> str:
-        """The engine's one-line error (`uniultra: error: ...`), or the last output lines."""
+        """The engine's one-line error (a `failed` event or `uniultra: error: ...`), or the last lines."""
+        failed = self.last_event("failed")
+        if failed is not None and failed.get("error"):
+            return str(failed["error"])
         for line in reversed(self.lines):
             if line.startswith("uniultra: error:"):
                 return line[len("uniultra: error:"):].strip()
-        tail = [line for line in self.lines if not is_progress_bar(line)][-5:]
-        return "\n".join(tail) or f"the training process ended with status {self.returncode}"
+        return "\n".join(self.lines[-5:]) or f"the training process ended with status {self.returncode}"
 
 
 def can_resume(out: str | os.PathLike) -> bool:
@@ -491,39 +520,6 @@ def read_summary(out: str | os.PathLike) -> dict | None:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def chart_png(metrics: dict, path: str | os.PathLike, title: str = "") -> Path | None:
-    """Loss and validation Dice against the step as a PNG (matplotlib, Agg), written atomically.
-
-    Returns None when there is nothing to draw yet or matplotlib is missing (the plot chart node
-    in the module shows the same series)."""
-    if not metrics.get("loss") and not metrics.get("val_dice"):
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    from .curate import atomic_write
-
-    fig = Figure(figsize=(5, 3), dpi=100)
-    ax = fig.add_subplot(111)
-    if metrics.get("loss"):
-        ax.plot(*zip(*metrics["loss"]), color="tab:blue", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss", color="tab:blue")
-    if metrics.get("val_dice"):
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*metrics["val_dice"]), "o-", color="tab:red", ms=3)
-        ax2.set_ylabel("val Dice", color="tab:red")
-        ax2.set_ylim(0, 1)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # ------------------------------------------------------------------------------------ results

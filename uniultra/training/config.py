@@ -223,6 +223,7 @@ def load_config(cls, recipe: str | Path | None = None, options: dict | None = No
     from omegaconf.errors import OmegaConfBaseException
 
     layers = [OmegaConf.structured(cls)]
+    required: list[str] = []  # keys a recipe marks `???`: the command line must give them
     try:
         if recipe:
             p = Path(recipe).expanduser()
@@ -232,6 +233,7 @@ def load_config(cls, recipe: str | Path | None = None, options: dict | None = No
             if not isinstance(file_cfg, dict) and not OmegaConf.is_dict(file_cfg):
                 raise InputError(f"--config {recipe}: not a mapping of options")
             layers.append(file_cfg)
+            required = [k for k in file_cfg if OmegaConf.is_missing(file_cfg, k)]
         if options:
             layers.append(OmegaConf.create(options))
         for o in overrides:
@@ -240,7 +242,8 @@ def load_config(cls, recipe: str | Path | None = None, options: dict | None = No
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
-        missing = sorted(k for k in merged if OmegaConf.is_missing(merged, k))
+        given = set(options or {}) | {o.split("=", 1)[0].split(".")[0] for o in overrides}
+        missing = sorted({k for k in merged if OmegaConf.is_missing(merged, k)} | (set(required) - given))
         if missing:
             raise InputError(f"--{missing[0].replace('_', '-')}: required (give it on the command line "
                              f"or as '{missing[0]}:' in the recipe)")
