@@ -5,7 +5,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DATA ?= ../shared/data
 
 .PHONY: setup demo test lint bench
 
@@ -19,14 +18,19 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# The demo image ships in the repository (carotid B-mode frame, CC BY 4.0; see its README), so
+# `make demo` works on a bare clone; DEMO_IMAGE/DEMO_BOX choose another.
+DEMO_IMAGE ?= UniUltraSegment/Resources/SampleData/CarotidUS.png
+DEMO_BOX ?= 50 132 123 199
+
 demo: $(STAMP)
 	mkdir -p out
-	$(BIN)/uniultra segment --image $(DATA)/busi/images/benign_001.png \
-		--box 193 88 236 113 --out out/demo_mask.png --overlay out/demo_overlay.png
+	$(BIN)/uniultra segment --image $(DEMO_IMAGE) --box $(DEMO_BOX) \
+		--out out/demo_mask.png --overlay out/demo_overlay.png
 	@echo "mask: out/demo_mask.png  overlay: out/demo_overlay.png"
 
 lint: $(STAMP)
-	$(BIN)/ruff check uniultra Testing benchmarks scripts UniUltraSegment UniUltraTrain
+	$(BIN)/ruff check uniultra Testing benchmarks scripts UniUltraSegment UniUltraTrain Utilities
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -x Testing

@@ -1,7 +1,7 @@
 """Datasets: the uniform folder layout, instances, weighted mixing, a torch training dataset,
 COCO instance JSON (both ways) and image/label volume pairs.
 
-Uniform layout (see /work/shared/data/README.md)::
+Uniform layout (the shared data's README, ``../shared/data/README.md`` beside the checkout)::
 
     <root>/images/<id>.png   <root>/masks/<id>.png   <root>/split.csv (id,split[,clip,frame])
     <root>/meta.json
