@@ -374,3 +374,29 @@ def test_errors_speak_to_the_user(ctx):
     g = slice_geometry(vol, s2r)
     r = drag(c, g, s2r, (1, 1), (4, 4))
     assert r.error and "not available" in r.status and not c.has_prompts
+
+
+def test_transformed_volume_prompts_land_where_they_are_shown(ctx):
+    """A volume under a linear transform is shown (and prompted) in world coordinates; the mask
+    goes where the user drew it, in the untransformed segmentation's own grid."""
+    import slicer
+    from mrml_fixtures import np_to_vtk_matrix
+
+    arr = (np.arange(10 * 12).reshape(1, 10, 12) % 50).astype(np.int16)
+    vol = make_volume(ctx, arr, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    seg, sid, editor, c = _setup(ctx, vol)
+    transform = slicer.vtkMRMLLinearTransformNode()
+    ctx.scene.AddNode(transform)
+    shift = np.eye(4)
+    shift[0, 3] = -2.0  # 2 mm to the right (R = -i): the image is shown 2 columns further along i
+    transform.SetMatrixTransformToParent(np_to_vtk_matrix(shift))
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    s2r = slice_to_ras(AXIAL, 0.0)
+    g = slice_geometry(vol, s2r)
+    drag(c, g, s2r, (2, 3), (5, 6))
+    assert np.array_equal(c.engine.images[-1], g.frame_from_array(arr))  # the shown pixels went to the model
+    c.apply()
+    got = segment_array(seg, sid, vol)[0] > 0  # on the untransformed grid
+    want = np.zeros((10, 12), bool)
+    want[3:7, 4:8] = True
+    assert np.array_equal(got, want)
