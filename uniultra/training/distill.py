@@ -205,6 +205,7 @@ def finetune_config(cfg: DistillConfig, student_path: Path) -> TrainConfig:
                        image_size=cfg.image_size, steps=cfg.finetune_steps, batch_size=cfg.batch_size,
                        lr=cfg.finetune_lr, optimizer="adamw", schedule="cosine", device=cfg.device, seed=cfg.seed,
                        adapter_only=False, overwrite=True, resume=cfg.resume, val_limit=cfg.val_limit,
+                       val_every=cfg.val_every,
                        num_workers=cfg.num_workers, loss_weights=cfg.finetune_loss_weights,
                        augment=cfg.finetune_augment, max_images=cfg.max_images, threads=cfg.threads,
                        progress_bar=cfg.progress_bar, log_every=cfg.log_every, events=cfg.events)
