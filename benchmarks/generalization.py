@@ -1,0 +1,154 @@
+"""Leave one anatomy out: does a model trained without an anatomy segment it?
+
+For each anatomy A of the shared data, a fold recipe (the format of ``recipes/``, run by
+``uniultra recipe run``, so every fold resumes where it stopped) trains on the other anatomies
+and scores on A's test split with 10%-jittered boxes, next to the ellipse inscribed in the same
+boxes and LiteMedSAM zero-shot on the same images.  Settings are the same for every fold:
+
+    .venv/bin/python benchmarks/generalization.py                     # teacher folds (decoder on
+                                                                      # cached LiteMedSAM embeddings)
+    .venv/bin/python benchmarks/generalization.py --student           # also distil a student per fold
+    .venv/bin/python benchmarks/generalization.py --folds camus ctrus --teacher-steps 50   # a quick look
+
+The embedding cache (``--cache``, the one the default recipe fills) makes each fold cheap on a
+CPU: only the decoder trains on the frozen encoder's stored embeddings.  Results: a table with
+mean Dice and its 10th percentile over images (so that failures show) in
+``benchmarks/results/generalization.md`` and ``.json``; each fold's runs in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ANATOMIES = ["busi", "ddti", "hc18", "carotid", "camus", "ctrus", "dltrack_apo"]
+
+
+def fold_recipe(args, left_out: str) -> dict:
+    train_sets = [a for a in args.anatomies if a != left_out]
+    data = [str(Path(args.data) / a) for a in train_sets]
+    test = [str(Path(args.data) / left_out)]
+    stages = {
+        "teacher": {"command": "train", "options": {
+            "model": "litemedsam", "peft": "decoder", "data": data, "max_images": args.train_images,
+            "augment": False, "embed_cache": args.cache, "steps": args.teacher_steps, "batch_size": 8,
+            "lr": 1.5e-4, "schedule": "cosine", "warmup_steps": 20, "loss_weights": "dice=1,bce=1,iou=1",
+            "jitter": 0.1, "val_every": args.teacher_steps, "val_limit": args.val_images, "seed": 0,
+            "device": args.device, "progress_bar": False}},
+        "test-teacher": {"command": "evaluate", "options": {
+            "model": "${stages.teacher.out}/model.pt", "data": test, "split": "test", "jitter": 0.1,
+            "limit": args.test_images, "embed_cache": args.cache, "out_dir": "${out}/test-teacher/cases"}},
+    }
+    if args.student:
+        stages["student"] = {"command": "distill", "options": {
+            "teacher": "${stages.teacher.out}/model.pt", "student": "uniultra-mini-lm", "data": data,
+            "max_images": args.train_images, "embed_cache": args.cache, "augment": False,
+            "steps": args.student_steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20,
+            "val_every": args.student_steps, "val_limit": args.val_images,
+            "finetune_steps": args.finetune_steps, "finetune_lr": 1e-4, "seed": 0, "device": args.device,
+            "progress_bar": False}}
+        stages["test-student"] = {"command": "evaluate", "options": {
+            "model": "${stages.student.out}/finetune/model.pt" if args.finetune_steps else
+                     "${stages.student.out}/model.pt",
+            "data": test, "split": "test", "jitter": 0.1, "limit": args.test_images,
+            "out_dir": "${out}/test-student/cases"}}
+    return {"name": f"loo-{left_out}", "out": str(Path(args.out) / left_out), "stages": stages}
+
+
+def zero_shot_recipe(args) -> dict:
+    data = [str(Path(args.data) / a) for a in args.anatomies]
+    return {"name": "loo-zeroshot", "out": str(Path(args.out) / "zeroshot"), "stages": {
+        "test-zeroshot": {"command": "evaluate", "options": {
+            "model": "litemedsam", "data": data, "split": "test", "jitter": 0.1, "limit": args.test_images,
+            "embed_cache": args.cache}}}}
+
+
+def run_recipe(recipe: dict, path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(recipe), path)
+    cmd = [sys.executable, "-m", "uniultra.cli", "recipe", "run", str(path)]
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc:
+        raise SystemExit(f"generalization: {' '.join(cmd)} failed with status {rc}; rerun to continue")
+
+
+def read_eval(path: Path, name: str) -> dict | None:
+    try:
+        return json.loads(path.read_text())["datasets"].get(name)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def table(args) -> tuple[str, dict]:
+    zs_path = Path(args.out) / "zeroshot" / "test-zeroshot" / "evaluation.json"
+    rows, res = [], {}
+    for a in args.anatomies:
+        z = read_eval(zs_path, a) or {}
+        t = read_eval(Path(args.out) / a / "test-teacher" / "evaluation.json", a) or {}
+        s = read_eval(Path(args.out) / a / "test-student" / "evaluation.json", a) or {}
+        res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
+                  "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
+                  "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
+                  "student": s.get("dice"), "student_p10": s.get("dice_p10")}
+
+        def f(k, r=res[a]):
+            v, p = r.get(k), r.get(f"{k}_p10")
+            return "-" if v is None else f"{v:.3f} ({p:.2f})" if p is not None else f"{v:.3f}"
+
+        rows.append(f"| {a} | {res[a]['images'] or '-'} | {f('ellipse')} | {f('zeroshot')} | {f('teacher')} | "
+                    f"{f('student')} |")
+    head = [f"Leave one anatomy out (test splits, at most {args.test_images} images per anatomy, evenly spread; "
+            f"10%-jittered boxes, the same seeded boxes for every column). Mean Dice (10th percentile).",
+            f"Fold settings: teacher = LiteMedSAM decoder trained {args.teacher_steps} steps (batch 8) on cached "
+            f"embeddings of at most {args.train_images} train images per other anatomy"
+            + (f"; student = uniultra-mini-lm, {args.student_steps} DSKD + {args.finetune_steps} fine-tuning steps."
+               if args.student else "; no student folds in this run."),
+            "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it |",
+            "|---|---|---|---|---|---|"]
+    return "\n".join(head + rows), res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("UNIULTRA_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--anatomies", nargs="+", default=ANATOMIES)
+    ap.add_argument("--folds", nargs="+", default=None, help="left-out anatomies to run (default: all)")
+    ap.add_argument("--cache", default=str(REPO / "runs" / "lm" / "embed"))
+    ap.add_argument("--out", default=str(REPO / "runs" / "generalization"))
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--train-images", type=int, default=120)
+    ap.add_argument("--val-images", type=int, default=20)
+    ap.add_argument("--test-images", type=int, default=60)
+    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--student", action="store_true", help="also distil a student per fold")
+    ap.add_argument("--student-steps", type=int, default=600)
+    ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the table from finished folds")
+    args = ap.parse_args()
+    unknown = [a for a in (args.folds or []) if a not in args.anatomies]
+    if unknown:
+        print(f"generalization: --folds {unknown[0]}: not one of {', '.join(args.anatomies)}", file=sys.stderr)
+        return 2
+    if not args.table_only:
+        run_recipe(zero_shot_recipe(args), Path(args.out) / "zeroshot.yaml")
+        for a in args.folds or args.anatomies:
+            run_recipe(fold_recipe(args, a), Path(args.out) / f"{a}.yaml")
+    text, res = table(args)
+    print(text)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generalization.md").write_text(text + "\n")
+    (out / "generalization.json").write_text(json.dumps({"settings": vars(args), "anatomies": res}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
