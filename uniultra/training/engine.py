@@ -530,8 +530,8 @@ class Trainer:
                          improved=improved)
         return v
 
-    def _over_time(self, t_start: float) -> bool:
-        over = bool(self.cfg.time_limit_s and time.perf_counter() - t_start > self.cfg.time_limit_s)
+    def _over_time(self) -> bool:
+        over = bool(self.cfg.time_limit_s and time.perf_counter() - self._t_start > self.cfg.time_limit_s)
         if self.world > 1 and self.cfg.time_limit_s:
             t = torch.tensor([float(over)], device=self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(t)
@@ -539,91 +539,99 @@ class Trainer:
         return over
 
     def _loop(self) -> str:
-        cfg, st, total, spe = self.cfg, self.state, self.total_steps, self.steps_per_epoch
+        """Epochs of optimiser steps until the end, a stop request, early stop or the time limit."""
+        cfg, st = self.cfg, self.state
         stop, restore_sigint = sigint_stop(lambda: self.events.emit(
             "note", message="\nstopping after the current step (Ctrl-C again to abort)..."))
-        t_start = time.perf_counter() - st["elapsed"]
-        self._t_win, self._n_win, self._t_event = time.perf_counter(), 0, 0.0
-        status, run_loss_t = "finished", None
+        self._t_start = time.perf_counter() - st["elapsed"]
+        self._t_win, self._n_win, self._t_event, self._run_loss_t = time.perf_counter(), 0, 0.0, None
+        status = "finished"
         self.task.module.train()
         loader = self._loader()
         try:
-            while st["step"] < total and status == "finished":
-                epoch = st["epoch"]
-                self.sampler.set_epoch(epoch, st["step_in_epoch"] * cfg.accumulate * cfg.batch_size)
+            while st["step"] < self.total_steps and status == "finished":
+                self.sampler.set_epoch(st["epoch"], st["step_in_epoch"] * cfg.accumulate * cfg.batch_size)
                 it = iter(loader)
-                while st["step_in_epoch"] < spe and st["step"] < total:
-                    step_loss, parts, n_img = self._step(it)
-                    self._n_win += n_img
-                    st["step"] += 1
-                    st["step_in_epoch"] += 1
-                    run_loss_t = step_loss if run_loss_t is None else run_loss_t + step_loss
-                    st["run_n"] += 1
-                    step = st["step"]
-                    want_stop = self._wants_stop(stop)
-                    log_step = step % cfg.log_every == 0 or step % self.val_every == 0 or step == total
-                    if log_step or want_stop or step == 1 or self.progress is not None or \
-                            (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                        st["run_loss"] += float(run_loss_t)  # the only GPU synchronisation of a step
-                        run_loss_t = None
-                        if st["first_loss"] is None:
-                            st["first_loss"] = float(step_loss)
-                    row = self._log_row(step, epoch, t_start, parts) if log_step else None
-                    validated = False
-                    if self.task.vals and (step % self.val_every == 0 or step == total):
-                        v = self._validate(step)
-                        validated = True
-                        row = row or {"step": step, "epoch": epoch + st["step_in_epoch"] / spe,
-                                      "lr": self.opt.param_groups[0]["lr"],
-                                      "elapsed_s": time.perf_counter() - t_start}
-                        row["val_dice"] = v["mean"]
-                        row.update({f"val_{n}": v[n] for n in self.val_names})
-                    if row is not None:
-                        st["history"].append(row)
-                        if self.rank == 0:
-                            write_csv(self.out / "metrics.csv", st["history"], self.csv_fields)
-                    if not log_step:
-                        self._step_event(step, epoch)
-                    if self.progress is not None:
-                        try:
-                            self.progress(step, total, f"loss {float(step_loss):.4f}")
-                        except Cancelled:
-                            want_stop = True
-                    early = bool(cfg.patience and st["bad"] >= cfg.patience)
-                    over_time = self._over_time(t_start)
-                    if over_time and not early and self.task.vals and not validated:
-                        self._validate(step)
-                        validated = True
-                    if over_time and not early:
-                        early = True
-                        st["stopped"] = f"time limit {cfg.time_limit_s:.0f} s reached at step {step}"
-                    epoch_done = st["step_in_epoch"] >= spe
-                    if epoch_done:
-                        st["epoch"] += 1
-                        st["step_in_epoch"] = 0
-                    st["elapsed"] = time.perf_counter() - t_start
-                    if validated or want_stop or early or step == total or \
-                            (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                        self.saver.save_resume(self)
-                    if want_stop:
-                        status = "cancelled"
-                    elif early:
-                        status = "early-stopped"
-                        st["stopped"] = st["stopped"] or f"no val improvement in {cfg.patience} validations"
-                    if status != "finished" or epoch_done:
-                        break
+                epoch_done = False
+                while not epoch_done and st["step"] < self.total_steps and status == "finished":
+                    status, epoch_done = self._one_step(it, stop)
                 del it
         finally:
             del loader
             restore_sigint()
         return status
 
-    def _log_row(self, step: int, epoch: int, t_start: float, parts: dict) -> dict:
+    def _one_step(self, it, stop: dict) -> tuple[str, bool]:
+        """Step, record, validate, checkpoint; returns (status, whether the epoch ended)."""
+        cfg, st = self.cfg, self.state
+        epoch = st["epoch"]
+        step_loss, parts, n_img = self._step(it)
+        self._n_win += n_img
+        st["step"] += 1
+        st["step_in_epoch"] += 1
+        st["run_n"] += 1
+        self._run_loss_t = step_loss if self._run_loss_t is None else self._run_loss_t + step_loss
+        step = st["step"]
+        want_stop = self._wants_stop(stop)
+        log_step = step % cfg.log_every == 0 or step % self.val_every == 0 or step == self.total_steps
+        checkpoint = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if log_step or want_stop or checkpoint or step == 1 or self.progress is not None:
+            st["run_loss"] += float(self._run_loss_t)  # the only GPU synchronisation of a step
+            self._run_loss_t = None
+            if st["first_loss"] is None:
+                st["first_loss"] = float(step_loss)
+        validated = self._record(step, epoch, parts, log_step)
+        if self.progress is not None:
+            try:
+                self.progress(step, self.total_steps, f"loss {float(step_loss):.4f}")
+            except Cancelled:
+                want_stop = True
+        early = bool(cfg.patience and st["bad"] >= cfg.patience)
+        if not early and self._over_time():
+            if self.task.vals and not validated:
+                self._validate(step)
+                validated = True
+            early = True
+            st["stopped"] = f"time limit {cfg.time_limit_s:.0f} s reached at step {step}"
+        epoch_done = st["step_in_epoch"] >= self.steps_per_epoch
+        if epoch_done:
+            st["epoch"] += 1
+            st["step_in_epoch"] = 0
+        st["elapsed"] = time.perf_counter() - self._t_start
+        if validated or want_stop or early or checkpoint or step == self.total_steps:
+            self.saver.save_resume(self)
+        if want_stop:
+            return "cancelled", epoch_done
+        if early:
+            st["stopped"] = st["stopped"] or f"no val improvement in {cfg.patience} validations"
+            return "early-stopped", epoch_done
+        return "finished", epoch_done
+
+    def _record(self, step: int, epoch: int, parts: dict, log_step: bool) -> bool:
+        """The metrics row and events of a step (validating when due); True when it validated."""
+        st, spe = self.state, self.steps_per_epoch
+        row = self._log_row(step, epoch, parts) if log_step else None
+        validated = bool(self.task.vals and (step % self.val_every == 0 or step == self.total_steps))
+        if validated:
+            v = self._validate(step)
+            row = row or {"step": step, "epoch": epoch + st["step_in_epoch"] / spe,
+                          "lr": self.opt.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - self._t_start}
+            row["val_dice"] = v["mean"]
+            row.update({f"val_{n}": v[n] for n in self.val_names})
+        if row is not None:
+            st["history"].append(row)
+            if self.rank == 0:
+                write_csv(self.out / "metrics.csv", st["history"], self.csv_fields)
+        else:
+            self._step_event(step, epoch)
+        return validated
+
+    def _log_row(self, step: int, epoch: int, parts: dict) -> dict:
         st = self.state
         now = time.perf_counter()
         row = {"step": step, "epoch": epoch + st["step_in_epoch"] / self.steps_per_epoch,
                "lr": self.opt.param_groups[0]["lr"], "train_loss": st["run_loss"] / max(1, st["run_n"]),
-               "img_per_s": self._n_win / max(1e-9, now - self._t_win), "elapsed_s": now - t_start}
+               "img_per_s": self._n_win / max(1e-9, now - self._t_win), "elapsed_s": now - self._t_start}
         st["run_loss"], st["run_n"] = 0.0, 0
         self._t_win, self._n_win = now, 0
         self._t_event = now
