@@ -166,7 +166,7 @@ def format_event(ev: dict) -> str | None:
         if ev.get("loss") is None:
             return None
         parts = " ".join(f"{k}={_f(v)}" for k, v in (ev.get("parts") or {}).items() if k != "loss")
-        speed = f" {ev['img_per_s']:.1f} img/s" if ev.get("img_per_s") else ""
+        speed = f" {ev['img_per_s']:.3g} img/s" if ev.get("img_per_s") else ""
         return (f"step {ev['step']}/{ev['total_steps']} loss {_f(ev['loss'])}"
                 + (f" ({parts})" if parts else "") + f" lr {_f(ev.get('lr'), '.3g')}{speed}")
     if kind == "validation":
