@@ -15,10 +15,25 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from uniultra.checks import (
+    NEGATIVE_NUMBER,
+    StagedFiles,
+    arg_number,
+    check_output_dir,
+    check_output_file,
+    describe_os_error,
+    number,
+)
 from uniultra.errors import Cancelled, InputError
 
 EXIT_INPUT = 2
 EXIT_CANCELLED = 130
+EXIT_BUG = 1
+
+FINITE = arg_number()                       # any finite number (box corners, point coordinates)
+FRACTION = arg_number(0.0, 1.0)             # --anchor
+NON_NEGATIVE = arg_number(0.0)              # --margin, --jitter
+AT_LEAST_1 = arg_number(1, integer=True)    # --limit
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -56,16 +71,22 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict]:
 
 
 def _row_box(row: dict, path: Path, line: int) -> tuple[float, float, float, float]:
-    try:
-        return tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1"))
-    except (TypeError, ValueError):
-        raise InputError(f"{path} line {line}: box {[row.get(k) for k in ('x0', 'y0', 'x1', 'y1')]} "
-                         "must be four numbers") from None
+    vals = [row.get(k) for k in ("x0", "y0", "x1", "y1")]
+    out = []
+    for k, v in zip(("x0", "y0", "x1", "y1"), vals):
+        try:
+            float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InputError(f"{path} line {line}: box {vals} must be four numbers") from None
+        out.append(number(v, f"{path} line {line}: {k}"))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _safe_id(value: str, path: Path, line: int) -> str:
-    if not value or "/" in value or "\\" in value or value in (".", ".."):
-        raise InputError(f"{path} line {line}: id {value!r} cannot be used as a file name")
+    if (not value or "/" in value or "\\" in value or "\0" in value or value in (".", "..")
+            or len(value.encode("utf-8", "surrogateescape")) > 200):
+        raise InputError(f"{path} line {line}: id {value[:60]!r} cannot be used as a file name "
+                         "(no / \\ or NUL, at most 200 bytes)")
     return value
 
 
@@ -83,12 +104,19 @@ class _StagedDir:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                for f in sorted(self.tmp.iterdir()):
-                    f.replace(self.out_dir / f.name)
+                _merge_into(self.tmp, self.out_dir)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def _merge_into(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_dir() and (dst / f.name).is_dir():
+            _merge_into(f, dst / f.name)
+        else:
+            f.replace(dst / f.name)
 
 
 def _image_hw(path: Path) -> tuple[int, int]:
@@ -149,6 +177,8 @@ def _parse_points(raw: list[list[str]] | None) -> tuple[list, list]:
             x, y, lab = float(p[0]), float(p[1]), int(p[2])
         except ValueError:
             raise InputError(f"--point {' '.join(p)}: expected X Y LABEL with LABEL 1 or 0") from None
+        number(x, f"--point {' '.join(p)}: X")
+        number(y, f"--point {' '.join(p)}: Y")
         if lab not in (0, 1):
             raise InputError(f"--point {' '.join(p)}: label must be 1 (positive) or 0 (negative)")
         pts.append((x, y))
@@ -165,16 +195,22 @@ def cmd_segment(args) -> int:
         raise InputError("give --image IMG --box X0 Y0 X1 Y1 --out MASK.png, or --prompts CSV --out-dir DIR")
     if not args.box and not args.point:
         raise InputError("no prompt: give --box X0 Y0 X1 Y1 and/or --point X Y 1|0")
-    image = read_image(args.image)
     pts, labels = _parse_points(args.point)
+    check_output_file(args.out, "--out", inputs=[args.image])
+    if args.overlay:
+        check_output_file(args.overlay, "--overlay", inputs=[args.image])
+        if Path(args.overlay).resolve() == Path(args.out).resolve():
+            raise InputError(f"--overlay {args.overlay}: is the same file as --out; give two names")
+    image = read_image(args.image)
     predictor = _load_predictor(args)
     predictor.set_image(image)
     pred = predictor.predict(boxes=args.box or None, points=pts or None, labels=labels or None,
                              refine=args.refine)
-    if args.overlay:
-        overlay_png(args.overlay, image, list(pred.masks), boxes=args.box, points=pts or None,
-                    labels=labels or None)
-    write_mask_png(args.out, pred.mask)
+    with StagedFiles() as staged:  # mask and overlay: both or neither
+        if args.overlay:
+            overlay_png(staged.path(args.overlay), image, list(pred.masks), boxes=args.box, points=pts or None,
+                        labels=labels or None)
+        write_mask_png(staged.path(args.out), pred.mask)
     print(f"{args.out}: {int(pred.mask.sum())} pixels, score {', '.join(f'{s:.3f}' for s in pred.scores)}")
     return 0
 
@@ -187,6 +223,7 @@ def _segment_batch(args) -> int:
         raise InputError("--prompts needs --out-dir DIR")
     csv_path = Path(args.prompts)
     rows = _read_csv(csv_path, ["id", "image", "x0", "y0", "x1", "y1"])
+    check_output_dir(args.out_dir, "--out-dir", inputs=[csv_path])
     jobs: dict[str, tuple[Path, list]] = {}
     sizes: dict[Path, tuple[int, int]] = {}
     for line, r in enumerate(rows, start=2):  # check everything before any work is done
@@ -199,6 +236,11 @@ def _segment_batch(args) -> int:
             sizes[img] = _image_hw(img)
         box = check_box(_row_box(r, csv_path, line), sizes[img], f"{csv_path} line {line}: box")
         jobs[oid] = (img, box)
+    inputs = {p.resolve() for p in sizes}
+    for line, oid in enumerate(jobs, start=2):
+        if (Path(args.out_dir) / f"{oid}.png").resolve() in inputs:
+            raise InputError(f"{csv_path} line {line}: the mask {oid}.png would overwrite an input image in "
+                             f"{args.out_dir}; choose another --out-dir")
     predictor = _load_predictor(args)
     by_image: dict[Path, list[str]] = {}
     for oid, (img, _) in jobs.items():
@@ -217,6 +259,7 @@ def cmd_propagate(args) -> int:
     from uniultra.data.io import read_frames, read_image, write_mask_png
     from uniultra.inference import propagate, propagate_memory
 
+    check_output_dir(args.out_dir, "--out-dir", inputs=[args.clip, args.frames, args.prompts])
     if args.clip:
         frames = read_frames(args.clip, axis=args.axis)
         ids = [f"frame_{i:04d}" for i in range(len(frames))]
@@ -272,17 +315,37 @@ def cmd_propagate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from uniultra.inference.onnx_export import export_onnx
+    from uniultra.inference.onnx_export import decoder_path, export_onnx
     from uniultra.models import build_model
 
     if args.format != "onnx":
         raise InputError(f"--format {args.format}: only onnx is supported")
+    model_file = args.model if Path(args.model).is_file() else None
+    check_output_file(args.out, "--out", inputs=[model_file])
+    check_output_file(decoder_path(Path(args.out)), "--out (decoder beside it)", inputs=[model_file])
     enc, dec = export_onnx(build_model(args.model), args.out)
     print(f"encoder: {enc}\ndecoder: {dec}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from uniultra.data.datasets import find_datasets
+
+    find_datasets(args.data)  # a wrong --data fails before the model is loaded
+    if args.out_dir:
+        check_output_dir(args.out_dir, "--out-dir", inputs=[args.data])
+        with _StagedDir(Path(args.out_dir)) as tmp:  # per-image CSVs, overlays, summary: all or nothing
+            res = _evaluate(args, tmp)
+    else:
+        res = _evaluate(args, None)
+    if args.json:
+        print(json.dumps(res, indent=2, default=float))
+    else:
+        _print_eval(res, args.clips)
+    return 0
+
+
+def _evaluate(args, out_dir) -> dict:
     from uniultra.evaluation.evaluate import evaluate_clips, evaluate_dataset
     from uniultra.inference import propagate
 
@@ -292,22 +355,16 @@ def cmd_evaluate(args) -> int:
 
         attach(predictor.model, args.embed_cache)
     if args.clips:
-        res = evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb), args.data, split=args.split,
-                             jitter=args.jitter, seed=args.seed, out_dir=args.out_dir, limit=args.limit,
-                             progress=sys.stderr.isatty())
-    else:
-        def segment_fn(image, boxes, points, labels):
-            predictor.set_image(image)
-            return list(predictor.predict(boxes=boxes, points=points, labels=labels, refine=args.refine).masks)
+        return evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb), args.data, split=args.split,
+                              jitter=args.jitter, seed=args.seed, out_dir=out_dir, limit=args.limit,
+                              progress=sys.stderr.isatty())
 
-        res = evaluate_dataset(segment_fn, args.data, split=args.split, jitter=args.jitter, prompt=args.prompt,
-                               seed=args.seed, out_dir=args.out_dir, limit=args.limit,
-                               progress=sys.stderr.isatty())
-    if args.json:
-        print(json.dumps(res, indent=2, default=float))
-    else:
-        _print_eval(res, args.clips)
-    return 0
+    def segment_fn(image, boxes, points, labels):
+        predictor.set_image(image)
+        return list(predictor.predict(boxes=boxes, points=points, labels=labels, refine=args.refine).masks)
+
+    return evaluate_dataset(segment_fn, args.data, split=args.split, jitter=args.jitter, prompt=args.prompt,
+                            seed=args.seed, out_dir=out_dir, limit=args.limit, progress=sys.stderr.isatty())
 
 
 def _print_eval(res: dict, clips: bool) -> None:
@@ -327,6 +384,21 @@ def _print_eval(res: dict, clips: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's conventions, for every sub-command (train, batch... included):
+    negative numbers in any notation (-1e1, -inf) are values, not options; a usage error is one
+    line ``uniultra: error: ...`` (exit status 2)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
+    def error(self, message):
+        where = self.prog.removeprefix("uniultra").strip()
+        self.exit(EXIT_INPUT, f"uniultra: error: {where + ': ' if where else ''}{message} "
+                              f"(see `{self.prog} --help`)\n")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name or checkpoint path (default: the bundled uniultra-mini-us)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -340,7 +412,7 @@ def _tta_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from uniultra import __version__
 
-    ap = argparse.ArgumentParser(prog="uniultra", description="Box-prompted SAM2 segmentation for ultrasound.")
+    ap = _Parser(prog="uniultra", description="Box-prompted SAM2 segmentation for ultrasound.")
     ap.add_argument("--version", action="version", version=f"uniultra {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -359,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment objects in an image from boxes/points (or a CSV batch)")
     p.add_argument("--image")
-    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"),
+    p.add_argument("--box", nargs=4, type=FINITE, action="append", metavar=("X0", "Y0", "X1", "Y1"),
                    help="object box in pixels (inclusive corners); repeat for several objects")
     p.add_argument("--point", nargs=3, action="append", metavar=("X", "Y", "LABEL"),
                    help="point prompt, LABEL 1 = object, 0 = background; repeatable")
@@ -378,12 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="multi-frame DICOM, .seq.nrrd, or 3D .nrrd/.nii.gz")
     p.add_argument("--axis", type=int, default=0, help="slicing axis of a 3D volume (numpy order)")
     p.add_argument("--frame", type=int, help="key frame index for --clip")
-    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"))
+    p.add_argument("--box", nargs=4, type=FINITE, action="append", metavar=("X0", "Y0", "X1", "Y1"))
     p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
     p.add_argument("--engine", default="auto", choices=["auto", "box", "memory"],
                    help="box chaining (every model) or SAM2 memory attention (trained memory only)")
-    p.add_argument("--margin", type=float, default=0.05, help="box expansion between frames (fraction)")
-    p.add_argument("--anchor", type=float, default=0.3,
+    p.add_argument("--margin", type=NON_NEGATIVE, default=0.05, help="box expansion between frames (fraction)")
+    p.add_argument("--anchor", type=FRACTION, default=0.3,
                    help="pull each frame's box size towards the key box's size (0 = none, 1 = fixed size)")
     p.add_argument("--out-dir", required=True)
     _model_args(p)
@@ -399,12 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95/mAP on a dataset next to the baselines")
     p.add_argument("--data", required=True, help="a dataset folder (with split.csv) or a folder of them")
     p.add_argument("--split", default="test")
-    p.add_argument("--jitter", type=float, default=0.1, help="per-edge box jitter (fraction of box size)")
+    p.add_argument("--jitter", type=NON_NEGATIVE, default=0.1, help="per-edge box jitter (fraction of box size)")
     p.add_argument("--prompt", default="box", choices=["box", "point", "box+points"])
     p.add_argument("--refine", action="store_true")
     p.add_argument("--clips", action="store_true", help="cine evaluation: first-frame box, propagated")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="at most N images per dataset, evenly spread over the split")
+    p.add_argument("--limit", type=AT_LEAST_1, default=None, help="at most N images per dataset, evenly spread over the split")
     p.add_argument("--embed-cache", default=None, metavar="DIR",
                    help="reuse (and fill) a frozen encoder's embeddings in DIR (see `uniultra cache-embeddings`)")
     p.add_argument("--out-dir", default=None, help="per-image CSV and best/worst overlays")
@@ -433,19 +505,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, see _Parser.error), --help or --version
+        return e.code if isinstance(e.code, int) else EXIT_INPUT if e.code else 0
     if getattr(args, "model", "x") is None:
         from uniultra.inference import DEFAULT_MODEL
 
         args.model = os.environ.get("UNIULTRA_MODEL", DEFAULT_MODEL)
+    return run_command(args.func, args)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def run_command(func, args) -> int:
+    """Run one sub-command with the CLI's error conventions (every sub-command goes through here,
+    those registered by uniultra.batch and uniultra.training too): a failure the user can fix is one
+    line ``uniultra: error: ...`` and exit status 2; Ctrl-C is exit status 130; anything else is
+    a bug: its traceback and a line saying so, exit status 1."""
     try:
-        return int(args.func(args) or 0)
-    except InputError as e:
-        print(f"uniultra: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+        return int(func(args) or 0)
     except (Cancelled, KeyboardInterrupt):
         print("uniultra: cancelled; no partial output was written", file=sys.stderr)
         return EXIT_CANCELLED
+    except InputError as e:
+        print(f"uniultra: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:  # output folder is a file, not writable, name too long, disk full...
+        print(f"uniultra: error: {_one_line(describe_os_error(e))}", file=sys.stderr)
+        return EXIT_INPUT
+    except MemoryError:
+        print("uniultra: error: out of memory; use smaller inputs (--limit, --max-images, --batch-size) "
+              "or a machine with more memory", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        print(f"uniultra: internal error ({type(e).__name__}): this is a bug in uniultra, not in your input; "
+              "please report it with the command line and the traceback above", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

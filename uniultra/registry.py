@@ -132,13 +132,49 @@ def load_registry() -> dict[str, ModelEntry]:
         for meta in sorted(udir.glob("*.json")):
             try:
                 e = json.loads(meta.read_text(encoding="utf-8"))
+                if not isinstance(e, dict):
+                    raise ValueError("not a JSON object")
                 e.setdefault("source", "user")
-                if e["name"] in builtin:
+                entry = _checked_entry(e)
+                if entry.name in builtin:
                     continue  # a registry name always means the registry's model
-                entries[e["name"]] = ModelEntry(**e)
-            except (OSError, ValueError, TypeError, KeyError):
-                continue  # a broken user entry must not hide the others
+                entries[entry.name] = entry
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                _warn_once(meta, err)  # a broken user entry must not hide the others
     return entries
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(meta: Path, err: Exception) -> None:
+    if str(meta) in _WARNED:
+        return
+    _WARNED.add(str(meta))
+    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    print(f"uniultra: warning: skipping the model record {meta} ({why}); fix or delete it", file=sys.stderr)
+
+
+def _checked_entry(e: dict) -> ModelEntry:
+    """A user record as a ModelEntry, its fields checked (a bad record is skipped, not fatal later)."""
+    entry = ModelEntry(**e)  # unknown or missing fields: TypeError
+    if not isinstance(entry.name, str) or not entry.name.strip():
+        raise ValueError("'name' must be a non-empty text")
+    if not isinstance(entry.arch, str) or not entry.arch:
+        raise ValueError("'arch' must be an architecture name")
+    if isinstance(entry.image_size, bool) or not isinstance(entry.image_size, int) or entry.image_size <= 0:
+        raise ValueError(f"'image_size' {entry.image_size!r} must be a positive whole number")
+    for key in ("file", "url", "sha256", "peft"):
+        if getattr(entry, key) is not None and not isinstance(getattr(entry, key), str):
+            raise ValueError(f"{key!r} must be text or null")
+    if entry.params is not None and (isinstance(entry.params, bool) or not isinstance(entry.params, int)):
+        raise ValueError("'params' must be a whole number or null")
+    if not isinstance(entry.extra, dict):
+        raise ValueError("'extra' must be a JSON object")
+    for key in ("description", "license", "source"):
+        if not isinstance(getattr(entry, key), str):
+            raise ValueError(f"{key!r} must be text")
+    return entry
 
 
 def register_user_model(name: str, weights: Path, arch: str, image_size: int, peft: str | None,

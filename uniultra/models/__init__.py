@@ -164,6 +164,18 @@ def build_model(
         raise InputError(f"weights of model {name_or_path!r} are missing at {path}: reinstall UniUltra "
                          "or choose another model (`uniultra models`)")
     ckpt = read_checkpoint(path, entry.sha256 if entry is not None else None)
+    try:
+        return _from_checkpoint(ckpt, name_or_path, entry, path, image_size, peft, scope, options, device)
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # a checkpoint with the wrong structure or missing metadata (hand-edited, another tool's)
+        raise InputError(f"checkpoint {path} has the wrong structure or lacks metadata ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else '-'}); use a checkpoint saved by uniultra "
+                         "or one of Meta's SAM2 checkpoints") from None
+
+
+def _from_checkpoint(ckpt: dict, name_or_path: str, entry, path: Path, image_size, peft, scope, options, device):
     info = ckpt.get("uniultra")
     name = entry.name if entry is not None else Path(path).stem
     if info is None:  # a bare Meta checkpoint
