@@ -727,6 +727,8 @@ class UniUltraTrainTest(ScriptedLoadableModuleTest):
         options = TrainOptions(data=[data], out=str(Path(data) / "run"), epochs=2, register="x")
         cmd = command(train_args(options))
         self.assertEqual(cmd[0], python_executable())
-        self.assertIn("--peft", cmd)
-        self.assertIn("ch-adapter", cmd)
+        self.assertIn("--config", cmd)  # the runner launches the recipe file it writes
+        recipe = options.write_recipe()
+        self.assertEqual(cmd[cmd.index("--config") + 1], str(recipe))
+        self.assertIn('"epochs": 2', recipe.read_text(encoding="utf-8"))
         self.delayDisplay("Command line test passed")
