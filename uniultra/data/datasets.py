@@ -107,19 +107,28 @@ class UniformDataset:
         splits = None if split in (None, "all") else ({split} if isinstance(split, str) else set(split))
         self.split = split
         self.records: list[Record] = []
-        with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                if splits is not None and row.get("split") not in splits:
-                    continue
-                rid = row["id"]
-                img = self._find(self.root / "images", rid)
-                if img is None:
-                    raise InputError(f"image for id '{rid}' is missing in '{self.root / 'images'}'; fix split.csv or add it")
-                msk = self._find(self.root / "masks", rid)
-                clip = row.get("clip") or None
-                frame = row.get("frame")
-                self.records.append(Record(rid, img, msk, row.get("split", ""), clip,
-                                           int(frame) if frame not in (None, "") else None))
+        self.split_names: set[str] = set()
+        for line, row in _read_split_csv(csv_path):
+            self.split_names.add(row.get("split", ""))
+            if splits is not None and row.get("split") not in splits:
+                continue
+            rid = row["id"]
+            if not rid:
+                raise InputError(f"{csv_path} line {line}: empty id; give every row an id")
+            img = self._find(self.root / "images", rid)
+            if img is None:
+                raise InputError(f"{csv_path} line {line}: image for id '{rid}' is missing in "
+                                 f"'{self.root / 'images'}'; fix split.csv or add it")
+            msk = self._find(self.root / "masks", rid)
+            clip = row.get("clip") or None
+            frame = row.get("frame") or None
+            if frame is not None:
+                try:
+                    frame = int(frame)
+                except ValueError:
+                    raise InputError(f"{csv_path} line {line}: frame {frame!r} must be a whole number "
+                                     "(the frame's index in its clip)") from None
+            self.records.append(Record(rid, img, msk, row.get("split", ""), clip, frame))
         meta = self.root / "meta.json"
         self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
         if max_images is not None:
@@ -164,6 +173,30 @@ class UniformDataset:
         for k in out:
             out[k].sort(key=lambda j: (self.records[j].frame if self.records[j].frame is not None else 0))
         return out
+
+
+def _read_split_csv(path: Path) -> list[tuple[int, dict]]:
+    """(line, row) of a dataset's split.csv: header id[,split,clip,frame...]; a UTF-8 byte-order
+    mark (as spreadsheet programs save) is fine, stray spaces around names and values too."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if "id" not in header:
+                raise InputError(f"{path} line 1: the header {','.join(header) or '(empty)'} lacks 'id'; "
+                                 "it must be id,split (optionally clip,frame)")
+            rows = []
+            for line, vals in enumerate(reader, start=2):
+                if not any(v.strip() for v in vals):
+                    continue
+                if len(vals) > len(header):
+                    raise InputError(f"{path} line {line}: {len(vals)} values but {len(header)} columns in the header")
+                rows.append((line, {h: v.strip() for h, v in zip(header, vals)}))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in spreadsheet programs)") from None
+    except csv.Error as e:
+        raise InputError(f"{path}: not a readable CSV file ({e})") from None
+    return rows
 
 
 def spread(items: list, n: int) -> list:

@@ -98,6 +98,29 @@ def _mean(vals):
     return float(v.mean()) if v.size else None
 
 
+def _datasets(root, split: str, clips: bool, **kw) -> list[UniformDataset]:
+    """The datasets under ``root`` that have images (``clips``: clips) with masks in ``split``;
+    an error when none has, or when one lacks masks (scores against no mask mean nothing)."""
+    found, empty = [], []
+    for droot in find_datasets(root):
+        ds = UniformDataset(droot, split, **kw)
+        if not ds.records or (clips and not ds.clips()):
+            empty.append(ds)
+            continue
+        no_mask = [r.id for r in ds.records if r.mask is None]
+        if no_mask:
+            raise InputError(f"dataset {ds.root}: no mask for {len(no_mask)} image(s) of split {split!r} "
+                             f"(e.g. id {no_mask[0]!r} in {ds.root / 'masks'}); evaluation needs a mask per image")
+        found.append(ds)
+    if not found:
+        ds = empty[0]
+        what = "clips (split.csv columns clip,frame)" if clips and ds.records else "images"
+        known = ", ".join(sorted(n for n in ds.split_names if n)) or "none"
+        raise InputError(f"--split {split}: dataset {ds.root} has no {what} in that split "
+                         f"(splits in its split.csv: {known})")
+    return found
+
+
 def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: float = 0.1, prompt: str = "box",
                      seed: int = 0, out_dir=None, progress=True, cancel: Callable[[], bool] | None = None,
                      n_pos: int = 1, n_neg: int = 0, min_area_frac: float = 0.0, limit: int | None = None,
@@ -115,8 +138,7 @@ def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: fl
     result = {"settings": {"split": split, "jitter": jitter, "prompt": prompt, "seed": seed, "n_pos": n_pos,
                            "n_neg": n_neg, "min_area_frac": min_area_frac, "limit": limit},
               "datasets": {}}
-    for droot in find_datasets(root):
-        ds = UniformDataset(droot, split, min_area_frac=min_area_frac, max_images=limit)
+    for ds in _datasets(root, split, clips=False, min_area_frac=min_area_frac, max_images=limit):
         n = len(ds)
         rows, gt_inst, pred_inst, cases = [], {}, {}, []
         t0 = time.perf_counter()
@@ -215,11 +237,8 @@ def evaluate_clips(propagate_fn: Callable, root, split: str = "test", jitter: fl
     ``dice`` / ``static_ellipse_dice`` average over all evaluated frames, ``clip_*`` over clips."""
     report = _progress_fn(progress)
     result = {"settings": {"split": split, "jitter": jitter, "seed": seed}, "datasets": {}}
-    for droot in find_datasets(root):
-        ds = UniformDataset(droot, split)
+    for ds in _datasets(root, split, clips=True):
         clips = ds.clips()
-        if not clips:
-            continue
         names = sorted(clips)[: limit if limit is not None else None]
         per_clip, fd, fs = [], [], []
         t0 = time.perf_counter()
