@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uniultra.checks import arg_number
 from uniultra.errors import Cancelled, InputError
 from uniultra.events import LazyAppend as _LazyAppend  # the engine's one JSON-lines event module
 from uniultra.events import emit_event, jsonable
@@ -930,9 +931,9 @@ def add_batch_parser(sub) -> None:
                    help="JSON-lines event stream (appended; '-' for stdout); e.g. events.%%a.jsonl in an array job")
     p.add_argument("--direction", default="both", choices=["both", "forward", "backward"])
     p.add_argument("--engine", default="auto", choices=["auto", "box", "memory"])
-    p.add_argument("--margin", type=float, default=0.05, help="box expansion between frames (fraction)")
-    p.add_argument("--anchor", type=float, default=0.3, help="pull each frame's box size towards the key box's size")
-    p.add_argument("--cache-mb", type=int, default=1024, help="memory for frame embeddings shared by structures")
+    p.add_argument("--margin", type=arg_number(0.0), default=0.05, help="box expansion between frames (fraction)")
+    p.add_argument("--anchor", type=arg_number(0.0, 1.0), default=0.3, help="pull each frame's box size towards the key box's size")
+    p.add_argument("--cache-mb", type=arg_number(0, integer=True), default=1024, help="memory for frame embeddings shared by structures")
     p.add_argument("--model", default=None, help="default model for rows without one (registry name or checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (about 2x slower)")

@@ -64,7 +64,9 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict]:
                                  f"the header must be {','.join(required)}")
             rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     except UnicodeDecodeError:
-        raise InputError(f"CSV file {path} is not UTF-8 text") from None
+        raise InputError(f"CSV file {path} is not UTF-8 text; save it as UTF-8") from None
+    except csv.Error as e:
+        raise InputError(f"CSV file {path}: not a readable CSV file ({e})") from None
     if not rows:
         raise InputError(f"CSV file {path} has no rows")
     return rows

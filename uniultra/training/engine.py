@@ -409,6 +409,7 @@ class Trainer:
         self.amp = amp_dtype(cfg.amp, self.device)
         self.out = Path(cfg.out).expanduser()
         self.saver = CheckpointSaver(self.out, self.rank)
+        created = self.rank == 0 and not self.out.exists()
         if self.rank == 0:
             self.saver.check_new_run(cfg)
             self.out.mkdir(parents=True, exist_ok=True)
@@ -429,6 +430,10 @@ class Trainer:
             return self._finish(status, resumed)
         except Exception as e:
             self.events.emit("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if created and {p.name for p in self.out.iterdir()} <= {"events.jsonl"}:
+                import shutil  # refused before any work (bad data, options): leave no new run folder
+
+                shutil.rmtree(self.out, ignore_errors=True)
             raise
 
     # -------------------------------------------------------------- set-up

@@ -1,0 +1,338 @@
+"""Adversarial inputs through the real `uniultra` command, in-process: for each bad input, exit
+status 2, exactly one line ``uniultra: error: ...`` naming the input, no traceback, and nothing
+new left behind in the working folder.  Tiny random models only (fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uniultra.cli import main
+from uniultra.models import build_model, save_checkpoint
+
+ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(build_model("uniultra-student-e8", image_size=64), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory, ckpt):
+    d = tmp_path_factory.mktemp("bad_ckpts")
+    good = torch.load(ckpt, map_location="cpu", weights_only=False)
+    torch.save({"model": good["model"], "uniultra": {}}, d / "no_meta.pt")             # KeyError
+    torch.save({"model": good["model"], "uniultra": {"arch": 5, "image_size": 64}}, d / "arch_int.pt")  # TypeError
+    torch.save({"model": good["model"], "uniultra": "text"}, d / "meta_text.pt")       # AttributeError
+    torch.save({"model": good["model"], "uniultra": {**good["uniultra"], "image_size": "big"}}, d / "size.pt")
+    torch.save([1, 2, 3], d / "list.pt")
+    (d / "text.pt").write_text("not a checkpoint")
+    return d
+
+
+def _png(path, h=48, w=64, seed=0):
+    a = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def _dataset(root, split_csv: str | bytes = "id,split\na,test\nb,test\n", masks=True):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, rid in enumerate(("a", "b")):
+        _png(root / "images" / f"{rid}.png", seed=i)
+        if masks:
+            m = np.zeros((48, 64), np.uint8)
+            m[10:30, 15:45] = 1
+            Image.fromarray(m).save(root / "masks" / f"{rid}.png")
+    if isinstance(split_csv, bytes):
+        (root / "split.csv").write_bytes(split_csv)
+    else:
+        (root / "split.csv").write_text(split_csv, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def work(tmp_path, ckpt, bad_ckpts):
+    """A folder with an image, a prompts CSV, frames, datasets; every case runs against it."""
+    w = tmp_path
+    _png(w / "img.png")
+    (w / "dir").mkdir()
+    (w / "file.txt").write_text("x")
+    (w / "frames.csv").write_text("id,image\nf0,img.png\nf1,img.png\n")
+    (w / "prompts_ok.csv").write_text("id,x0,y0,x1,y1\nf0,5,5,30,30\n")
+    _dataset(w / "ds")
+    _dataset(w / "nomask", masks=False)
+    _dataset(w / "latin", b"id,split\n" + "é,test\n".encode("latin-1"))
+    _dataset(w / "header", "name,split\na,test\n")
+    _dataset(w / "frame", "id,split,clip,frame\na,test,c1,zero\nb,test,c1,1\n")
+    (w / "dec.onnx").mkdir()  # a folder where the decoder of --out enc.onnx would go: enc.decoder.onnx
+    (w / "enc.decoder.onnx").mkdir()
+    return {"w": w, "ckpt": ckpt, "bad": bad_ckpts}
+
+
+def _csv(w, name, text: str | bytes):
+    p = w / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return p
+
+
+LONG = "a" * 300
+
+# (id, argv with {w} = work folder, {m} = tiny model, {bad} = bad checkpoints, text the error must hold,
+#  optional setup(w) writing extra inputs)
+SEG = ["segment", "--image", "{w}/img.png", "--model", "{m}", "--device", "cpu"]
+SEG_BOX = SEG + ["--box", "5", "5", "30", "30"]
+PROP = ["propagate", "--frames", "{w}/frames.csv", "--prompts", "{w}/prompts_ok.csv", "--model", "{m}"]
+EVAL = ["evaluate", "--model", "{m}", "--device", "cpu"]
+CASES = [
+    # numbers: boxes and points
+    ("box-nan", SEG + ["--box", "nan", "5", "30", "30", "--out", "{w}/m.png"], "--box"),
+    ("box-inf", SEG + ["--box", "5", "5", "inf", "30", "--out", "{w}/m.png"], "--box"),
+    ("box-neg-inf", SEG + ["--box", "-inf", "5", "30", "30", "--out", "{w}/m.png"], "--box"),
+    ("box-neg-exp", SEG + ["--box", "-1e3", "-1e3", "-5e2", "-5e2", "--out", "{w}/m.png"], "outside"),
+    ("box-three", SEG + ["--box", "5", "5", "30", "--out", "{w}/m.png"], "--box"),
+    ("box-text", SEG + ["--box", "a", "5", "30", "30", "--out", "{w}/m.png"], "--box"),
+    ("box-empty", SEG + ["--box", "30", "5", "5", "30", "--out", "{w}/m.png"], "empty"),
+    ("box-outside", SEG + ["--box", "500", "500", "600", "600", "--out", "{w}/m.png"], "outside"),
+    ("point-nan", SEG + ["--point", "nan", "5", "1", "--out", "{w}/m.png"], "--point"),
+    ("point-inf", SEG + ["--point", "5", "inf", "1", "--out", "{w}/m.png"], "--point"),
+    ("point-neg-inf", SEG + ["--point", "-inf", "5", "1", "--out", "{w}/m.png"], "--point"),
+    ("point-label", SEG + ["--point", "5", "5", "2", "--out", "{w}/m.png"], "label"),
+    ("point-text", SEG + ["--point", "5", "y", "1", "--out", "{w}/m.png"], "--point"),
+    ("no-prompt", SEG + ["--out", "{w}/m.png"], "no prompt"),
+    # output paths
+    ("out-is-dir", SEG_BOX + ["--out", "{w}/dir"], "--out"),
+    ("out-under-file", SEG_BOX + ["--out", "{w}/file.txt/m.png"], "file.txt"),
+    ("out-name-too-long", SEG_BOX + ["--out", "{w}/" + LONG + ".png"], "too long"),
+    ("out-dir-name-too-long", SEG_BOX + ["--out", "{w}/" + LONG + "/m.png"], "too long"),
+    ("out-is-image", SEG_BOX + ["--out", "{w}/img.png"], "input"),
+    ("overlay-is-dir", SEG_BOX + ["--out", "{w}/m.png", "--overlay", "{w}/dir"], "--overlay"),
+    ("overlay-is-out", SEG_BOX + ["--out", "{w}/m.png", "--overlay", "{w}/m.png"], "--overlay"),
+    ("overlay-is-image", SEG_BOX + ["--out", "{w}/m.png", "--overlay", "{w}/img.png"], "--overlay"),
+    ("overlay-under-file", SEG_BOX + ["--out", "{w}/m.png", "--overlay", "{w}/file.txt/o.png"], "file.txt"),
+    # input images
+    ("image-missing", ["segment", "--image", "{w}/nope.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                       "--model", "{m}"], "nope.png"),
+    ("image-is-dir", ["segment", "--image", "{w}/dir", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                      "--model", "{m}"], "dir"),
+    ("image-is-text", ["segment", "--image", "{w}/file.txt", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                       "--model", "{m}"], "file.txt"),
+    # checkpoints and models
+    ("ckpt-no-meta", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                      "--model", "{bad}/no_meta.pt"], "no_meta.pt"),
+    ("ckpt-arch-int", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                       "--model", "{bad}/arch_int.pt"], "arch_int.pt"),
+    ("ckpt-meta-text", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                        "--model", "{bad}/meta_text.pt"], "meta_text.pt"),
+    ("ckpt-size-text", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                        "--model", "{bad}/size.pt"], "size.pt"),
+    ("ckpt-list", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                   "--model", "{bad}/list.pt"], "list.pt"),
+    ("ckpt-text", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                   "--model", "{bad}/text.pt"], "text.pt"),
+    ("ckpt-missing", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                      "--model", "{w}/none.pt"], "none.pt"),
+    ("model-unknown", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                       "--model", "no-such-model"], "no-such-model"),
+    ("device-bogus", SEG_BOX + ["--out", "{w}/m.png", "--device", "tpu"], "tpu"),
+    # batch segmentation CSVs
+    ("csv-nan", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,nan,5,30,30\n", "--out-dir", "{w}/out",
+                 "--model", "{m}"], "line 2"),
+    ("csv-inf", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,5,5,inf,30\n", "--out-dir", "{w}/out",
+                 "--model", "{m}"], "line 2"),
+    ("csv-text", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,x,5,30,30\n", "--out-dir", "{w}/out",
+                  "--model", "{m}"], "line 2"),
+    ("csv-id-slash", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na/b,img.png,5,5,30,30\n", "--out-dir",
+                      "{w}/out", "--model", "{m}"], "line 2"),
+    ("csv-id-long", ["segment", "--prompts", f"@id,image,x0,y0,x1,y1\n{LONG},img.png,5,5,30,30\n", "--out-dir",
+                     "{w}/out", "--model", "{m}"], "line 2"),
+    ("csv-id-nul", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na\0b,img.png,5,5,30,30\n", "--out-dir",
+                    "{w}/out", "--model", "{m}"], "prompts.csv"),
+    ("csv-id-dup", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,5,5,30,30\na,img.png,5,5,30,30\n",
+                    "--out-dir", "{w}/out", "--model", "{m}"], "twice"),
+    ("csv-header", ["segment", "--prompts", "@name,image,x0,y0,x1,y1\na,img.png,5,5,30,30\n", "--out-dir",
+                    "{w}/out", "--model", "{m}"], "lacks column"),
+    ("csv-empty", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\n", "--out-dir", "{w}/out", "--model", "{m}"],
+     "no rows"),
+    ("csv-latin1", ["segment", "--prompts", b"@id,image,x0,y0,x1,y1\n\xe9,img.png,5,5,30,30\n", "--out-dir",
+                    "{w}/out", "--model", "{m}"], "UTF-8"),
+    ("csv-missing", ["segment", "--prompts", "{w}/none.csv", "--out-dir", "{w}/out", "--model", "{m}"], "none.csv"),
+    ("csv-image-missing", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,gone.png,5,5,30,30\n", "--out-dir",
+                           "{w}/out", "--model", "{m}"], "gone.png"),
+    ("outdir-is-file", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,5,5,30,30\n", "--out-dir",
+                        "{w}/file.txt", "--model", "{m}"], "--out-dir"),
+    ("outdir-overwrites-image", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\nimg,img.png,5,5,30,30\n",
+                                 "--out-dir", "{w}", "--model", "{m}"], "overwrite"),
+    ("outdir-long", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,5,5,30,30\n", "--out-dir",
+                     "{w}/" + LONG, "--model", "{m}"], "too long"),
+    # propagation
+    ("margin-nan", PROP + ["--margin", "nan", "--out-dir", "{w}/out"], "--margin"),
+    ("margin-negative", PROP + ["--margin", "-1", "--out-dir", "{w}/out"], "--margin"),
+    ("margin-neg-exp", PROP + ["--margin", "-1e1", "--out-dir", "{w}/out"], "--margin"),
+    ("anchor-big", PROP + ["--anchor", "2", "--out-dir", "{w}/out"], "--anchor"),
+    ("anchor-neg-inf", PROP + ["--anchor", "-inf", "--out-dir", "{w}/out"], "--anchor"),
+    ("prop-outdir-file", PROP + ["--out-dir", "{w}/file.txt"], "--out-dir"),
+    ("prop-outdir-under-file", PROP + ["--out-dir", "{w}/file.txt/out"], "file.txt"),
+    ("prop-clip-missing", ["propagate", "--clip", "{w}/none.nrrd", "--frame", "0", "--box", "1", "1", "5", "5",
+                           "--out-dir", "{w}/out", "--model", "{m}"], "none.nrrd"),
+    ("prop-frame-id", ["propagate", "--frames", "{w}/frames.csv", "--prompts", "@id,x0,y0,x1,y1\nf9,5,5,30,30\n",
+                       "--out-dir", "{w}/out", "--model", "{m}"], "f9"),
+    ("prop-prompt-nan", ["propagate", "--frames", "{w}/frames.csv", "--prompts",
+                         "@id,x0,y0,x1,y1\nf0,5,nan,30,30\n", "--out-dir", "{w}/out", "--model", "{m}"], "y0"),
+    # export
+    ("export-out-dir", ["export", "--model", "{m}", "--out", "{w}/dir"], "--out"),
+    ("export-under-file", ["export", "--model", "{m}", "--out", "{w}/file.txt/e.onnx"], "file.txt"),
+    ("export-long", ["export", "--model", "{m}", "--out", "{w}/" + LONG + ".onnx"], "too long"),
+    ("export-decoder-dir", ["export", "--model", "{m}", "--out", "{w}/enc.onnx"], "decoder"),
+    ("export-format", ["export", "--model", "{m}", "--format", "tflite", "--out", "{w}/e.onnx"], "onnx"),
+    ("export-over-model", ["export", "--model", "{m}", "--out", "{m}"], "input"),
+    # evaluation
+    ("limit-negative", EVAL + ["--data", "{w}/ds", "--limit", "-3"], "--limit"),
+    ("limit-zero", EVAL + ["--data", "{w}/ds", "--limit", "0"], "--limit"),
+    ("limit-fraction", EVAL + ["--data", "{w}/ds", "--limit", "1.5"], "--limit"),
+    ("jitter-nan", EVAL + ["--data", "{w}/ds", "--jitter", "nan"], "--jitter"),
+    ("jitter-negative", EVAL + ["--data", "{w}/ds", "--jitter", "-0.1"], "--jitter"),
+    ("split-unknown", EVAL + ["--data", "{w}/ds", "--split", "nosuch"], "--split"),
+    ("clips-without-clips", EVAL + ["--data", "{w}/ds", "--clips"], "clips"),
+    ("eval-no-masks", EVAL + ["--data", "{w}/nomask"], "mask"),
+    ("split-latin1", EVAL + ["--data", "{w}/latin"], "UTF-8"),
+    ("split-header", EVAL + ["--data", "{w}/header"], "id"),
+    ("split-frame", EVAL + ["--data", "{w}/frame"], "frame"),
+    ("eval-data-missing", EVAL + ["--data", "{w}/none"], "none"),
+    ("eval-outdir-file", EVAL + ["--data", "{w}/ds", "--out-dir", "{w}/file.txt"], "--out-dir"),
+    # training (validated before anything is written)
+    ("lr-nan", ["train", "--data", "{w}/ds", "--out", "{w}/run", "--model", "uniultra-student-e8", "--lr", "nan"],
+     "--lr"),
+    ("lr-neg-inf", ["train", "--data", "{w}/ds", "--out", "{w}/run", "--model", "uniultra-student-e8", "--lr",
+                    "-inf"], "--lr"),
+    ("train-data-missing", ["train", "--data", "{w}/none", "--out", "{w}/run", "--model", "uniultra-student-e8"],
+     "none"),
+    # batch (same number checks)
+    ("batch-margin-nan", ["batch", "{w}/dir", "--out-dir", "{w}/bout", "--margin", "nan"], "--margin"),
+    ("batch-anchor-neg", ["batch", "{w}/dir", "--out-dir", "{w}/bout", "--anchor", "-1e1"], "--anchor"),
+    ("batch-cache-neg", ["batch", "{w}/dir", "--out-dir", "{w}/bout", "--cache-mb", "-5"], "--cache-mb"),
+    # usage
+    ("unknown-command", ["frobnicate"], "frobnicate"),
+    ("info-size-text", ["info", "uniultra-mini", "--image-size", "big"], "--image-size"),
+    ("segment-unknown-option", SEG_BOX + ["--out", "{w}/m.png", "--bogus"], "--bogus"),
+]
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _expand(argv, work):
+    out = []
+    for a in argv:
+        if isinstance(a, bytes) or (isinstance(a, str) and a.startswith("@")):
+            out.append(str(_csv(work["w"], "prompts.csv", a[1:])))  # inline CSV contents
+        else:
+            out.append(a.replace("{w}", str(work["w"])).replace("{m}", str(work["ckpt"]))
+                       .replace("{bad}", str(work["bad"])))
+    return out
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clean_line(capsys, work, argv, message, monkeypatch):
+    monkeypatch.setenv("UNIULTRA_HOME", str(work["w"].parent / "home"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = _expand(argv, work)
+    before = _snapshot(work["w"])
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("uniultra: error: "), err
+    assert message in lines[0], err
+    assert _snapshot(work["w"]) == before, "new files were left behind"
+
+
+@pytest.mark.skipif(ROOT, reason="root may write anywhere")
+def test_out_in_read_only_folder(capsys, work):
+    ro = work["w"] / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code = main(_expand(SEG_BOX + ["--out", "{w}/ro/m.png"], work))
+        err = capsys.readouterr().err
+        assert code == 2 and "permission" in err and err.count("\n") == 1
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o700)
+
+
+def test_mask_and_overlay_are_one_unit(capsys, work, monkeypatch):
+    """A failure while writing the second file leaves neither."""
+    import uniultra.data.io as io
+
+    def broken(path, mask):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "write_mask_png", broken)
+    before = _snapshot(work["w"])
+    code = main(_expand(SEG_BOX + ["--out", "{w}/m.png", "--overlay", "{w}/o.png"], work))
+    err = capsys.readouterr().err
+    assert code == 2 and "disk is full" in err and "Traceback" not in err
+    assert _snapshot(work["w"]) == before
+
+
+def test_bom_csvs_simply_work(capsys, work):
+    w = work["w"]
+    p = _csv(w, "p.csv", "\ufeffid,image,x0,y0,x1,y1\na,img.png,5,5,30,30\n")
+    assert main(["segment", "--prompts", str(p), "--out-dir", str(w / "out"), "--model", str(work["ckpt"])]) == 0
+    assert (w / "out" / "a.png").is_file()
+    capsys.readouterr()
+    (w / "ds" / "split.csv").write_text("\ufeffid,split\na,test\nb,test\n", encoding="utf-8")
+    code = main(["evaluate", "--model", str(work["ckpt"]), "--data", str(w / "ds"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out)["datasets"]["ds"]["n_images"] == 2
+
+
+def test_negative_numbers_parse(capsys, work):
+    """`-1e1` is a number, not an option: the box is then refused for lying outside the image."""
+    code = main(_expand(SEG + ["--box", "-1e3", "-5e2", "-1E2", "-inf", "--out", "{w}/m.png"], work))
+    err = capsys.readouterr().err
+    assert code == 2 and "--box" in err and "finite" in err  # -inf reached the number check
+    code = main(_expand(SEG + ["--box", "-1e3", "-5e2", "-1E2", "-1.5e1", "--out", "{w}/m.png"], work))
+    err = capsys.readouterr().err
+    assert code == 2 and "outside" in err
+
+
+def test_a_bug_shows_a_traceback_and_says_so(capsys, monkeypatch):
+    import uniultra.cli as cli
+
+    def boom(args):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(cli, "cmd_models", boom)
+    code = main(["models"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "bug" in err.splitlines()[-1]
+
+
+def test_malformed_user_registry_entry_is_skipped(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path))
+    reg = tmp_path / "models" / "registered"
+    reg.mkdir(parents=True)
+    (reg / "bad.json").write_text(json.dumps({"name": "bad", "arch": "x", "image_size": "big"}))
+    (reg / "list.json").write_text("[1, 2]")
+    (reg / "ok.json").write_text(json.dumps({"name": "mine", "arch": "uniultra-student-e8", "image_size": 64,
+                                             "file": "mine.pt"}))
+    code = main(["models"])
+    out = capsys.readouterr()
+    assert code == 0 and "mine" in out.out and "bad.json" in out.err and "list.json" in out.err
+    code = main(["info", "bad"])
+    assert code == 2 and "unknown model" in capsys.readouterr().err
