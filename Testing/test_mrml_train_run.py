@@ -132,7 +132,7 @@ def _export_tiny_dataset(ctx, out):
     return curate.export_dataset(cases, ["lesion"], out, val_fraction=0.25, seed=0, preview=False)
 
 
-def _wait_for_step(run, step, timeout=90):
+def _wait_for_step(run, step, timeout=300):  # generous: a loaded 2-core machine starts torch slowly
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         run.poll()
@@ -179,7 +179,7 @@ def test_train_cancel_resume_register_and_segment(ctx, tmp_path, monkeypatch, tr
     assert m["val_dice"] and m["val_dice"][-1][0] == total and m["loss"]
     assert (out / "model.pt").is_file() and (out / "slicer-train.log").is_file()
     # 3. validation Dice of the trained model next to the baselines, through `uniultra evaluate`
-    after = runner.evaluate(str(out / "model.pt"), res.out, "val", "cpu", python=sys.executable, timeout=180)
+    after = runner.evaluate(str(out / "model.pt"), res.out, "val", "cpu", python=sys.executable, timeout=420)
     assert after["n_images"] == res.counts["val"] and 0.0 <= after["dice"] <= 1.0
     assert after["ellipse_dice"] > 0.5 and after["boxfill_dice"] > 0.5  # a rectangle: the box baselines fit it
     # 4. register with provenance; both entries appear in the engine registry
@@ -220,6 +220,6 @@ def test_distill_and_compare(ctx, tmp_path, monkeypatch, distill_cli):
     assert run.last_val is not None and run.last_val[0] == 2  # the distillation's validation reaches the panel
     student = (run.summary() or {}).get("model") or str(tmp_path / "student" / "model.pt")
     rows = runner.compare_models({"teacher": options.teacher, "student": student}, res.out, "val", "cpu",
-                                 python=sys.executable, timeout=180)
+                                 python=sys.executable, timeout=420)
     assert [r["model"] for r in rows] == ["teacher", "student"]
     assert all(0.0 <= r["dice"] <= 1.0 and r["seconds_per_image"] > 0 for r in rows)
