@@ -185,6 +185,25 @@ def test_student_on_litemedsam_decoder():
         build_student(teacher, "uniultra-mini", 256)
 
 
+def test_student_init_copies_an_encoder(tmp_path):
+    """--student-init: the student starts from another model's encoder (e.g. uniultra-mini-us), every
+    tensor copied; an encoder of another shape is refused with a one-line error naming the option."""
+    from uniultra.training.distill import build_student
+
+    teacher = build_model("litemedsam", random_init=True)
+    donor = build_model("uniultra-student-e16-lm", random_init=True)
+    save_checkpoint(donor, tmp_path / "donor.pt")
+    student = build_student(teacher, "uniultra-mini-lm", 256, init=str(tmp_path / "donor.pt"))
+    d, s = donor.sam.image_encoder.state_dict(), student.sam.image_encoder.state_dict()
+    assert d.keys() == s.keys() and all(torch.equal(d[k], s[k]) for k in d)
+    fresh = build_student(teacher, "uniultra-mini-lm", 256)
+    assert not torch.equal(fresh.sam.image_encoder.state_dict()["trunk.patch_embed.proj.weight"],
+                           d["trunk.patch_embed.proj.weight"])
+    save_checkpoint(build_model("uniultra-student-e8-lm", random_init=True), tmp_path / "e8.pt")
+    with pytest.raises(InputError, match="--student-init .*e8.pt: its image encoder does not match"):
+        build_student(teacher, "uniultra-mini-lm", 256, init=str(tmp_path / "e8.pt"))
+
+
 def test_embedding_cache(tmp_path):
     from uniultra.models.embed_cache import attach, fill
 

@@ -115,6 +115,9 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
                             "see docs/RECIPES.md and uniultra/training/distill.py.")
     p.add_argument("--teacher", help="teacher: registry name or checkpoint path")
     p.add_argument("--student", help="uniultra-student-e{8,16,24,32,48} (-lm for a LiteMedSAM teacher)")
+    p.add_argument("--student-init", dest="student_init", metavar="MODEL",
+                   help="start the student's image encoder from MODEL (registry name or checkpoint with the "
+                        "same encoder, e.g. uniultra-mini-us) instead of random weights")
     _common(p)
     p.add_argument("--level-terms", dest="level_terms", action=BOOL,
                    help="also match block/adapter/sum features at the three stage ends (paper's figure)")

@@ -157,6 +157,7 @@ class DistillConfig(RunConfig):
 
     teacher: str                          # registry name or checkpoint
     student: str = "uniultra-student-e16"
+    student_init: str | None = None      # copy the student's image encoder from this model
     epochs: int = 100
     lr: float = 1e-3
     augment: bool = False                 # only without a feature cache
@@ -172,7 +173,7 @@ class DistillConfig(RunConfig):
     half: bool = False                    # store the student in fp16
     extra: dict = field(default_factory=dict)
 
-    RESUME_KEYS = RunConfig.RESUME_KEYS + ("teacher", "student", "level_terms")
+    RESUME_KEYS = RunConfig.RESUME_KEYS + ("teacher", "student", "student_init", "level_terms")
 
     def __post_init__(self) -> None:
         super().__post_init__()

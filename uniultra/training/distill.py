@@ -166,8 +166,9 @@ def build_cache(teacher, tap, concat, keys: list[str], cache: Path, device, leve
 
 
 # ------------------------------------------------------------------------------------ student
-def build_student(teacher, arch: str, image_size: int, device="cpu"):
-    """The student with the teacher's prompt encoder, mask decoder and no_mem_embed (frozen)."""
+def build_student(teacher, arch: str, image_size: int, device="cpu", init: str | None = None):
+    """The student with the teacher's prompt encoder, mask decoder and no_mem_embed (frozen); its
+    image encoder is random, or copied from model ``init`` (which must have the same encoder)."""
     from uniultra.models import build_model
     from uniultra.models.architectures import canonical_arch
 
@@ -186,6 +187,8 @@ def build_student(teacher, arch: str, image_size: int, device="cpu"):
                          f"use {want}")
     student = build_model(arch, image_size=image_size, device="cpu", random_init=True)
     st, tt = student.sam, teacher.sam
+    if init:
+        init_student_encoder(st, init, image_size)
     st.sam_prompt_encoder.load_state_dict(tt.sam_prompt_encoder.state_dict())
     st.sam_mask_decoder.load_state_dict(tt.sam_mask_decoder.state_dict())
     if hasattr(st, "no_mem_embed"):
@@ -196,6 +199,22 @@ def build_student(teacher, arch: str, image_size: int, device="cpu"):
     student.peft = {"method": "ch-adapter", "scope": "encoder+decoder", "options": {},
                     "distilled_from": getattr(teacher, "name", None)}
     return student.to(device)
+
+
+def init_student_encoder(net, init: str, image_size: int) -> None:
+    """Copy every image-encoder tensor of model ``init`` into ``net`` (all names and shapes must match)."""
+    from uniultra.models import build_model
+
+    src = build_model(init, image_size=image_size, device="cpu").sam.image_encoder.state_dict()
+    dst = net.image_encoder.state_dict()
+    missing = [k for k in dst if k not in src]
+    wrong = [k for k in dst if k in src and src[k].shape != dst[k].shape]
+    if missing or wrong:
+        k = (missing or wrong)[0]
+        raise InputError(f"--student-init {init}: its image encoder does not match the student's "
+                         f"({len(missing)} tensors missing, {len(wrong)} of another shape, e.g. {k}); "
+                         "give a model with the same student architecture")
+    net.image_encoder.load_state_dict({k: src[k] for k in dst})
 
 
 # ------------------------------------------------------------------------------------ entry

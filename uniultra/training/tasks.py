@@ -233,7 +233,7 @@ class DistillTask(Task):
                                 "sum level terms do not apply: distilling the image embedding its decoder reads")
             cfg.level_terms = False
         seed_all(cfg.seed)
-        student = D.build_student(teacher, cfg.student, S, device)
+        student = D.build_student(teacher, cfg.student, S, device, init=cfg.student_init)
         t_tap = s_tap = None
         proj = nn.ModuleDict()
         if cfg.level_terms:
