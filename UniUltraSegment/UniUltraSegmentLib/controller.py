@@ -472,7 +472,35 @@ class InteractionController:
         process events (Stop button, repaint).  While it runs, `busy` is True and mouse and key
         events are left to Slicer.  The result goes to the segmentation and segment captured at
         the first prompt; frames the run covers are replaced, the others are untouched.
+
+        This is `begin_propagation` + the engine's run + `finish_propagation` in one call (the
+        desktop effect, on Slicer's main thread); a front end with an event loop of its own (the
+        web app) runs the engine between the two on a worker thread instead.
         """
+        job = self.begin_propagation(direction)
+        if isinstance(job, Reply):
+            return job
+
+        def report(fraction):
+            if progress is not None:
+                progress(float(fraction))
+            if pump is not None:
+                pump()
+
+        try:
+            masks = job.run(report)
+        except Exception as exc:  # noqa: BLE001 - reported, nothing written
+            return self.propagation_failed(exc)
+        return self.finish_propagation(job, masks)
+
+    def propagation_failed(self, exc: BaseException) -> Reply:
+        """The engine's run raised: nothing is written, the controller takes events again."""
+        self.busy = False
+        return Reply(status=f"Propagation failed: {exc}", error=True)
+
+    def begin_propagation(self, direction: str = "both") -> PropagationJob | Reply:
+        """Check the session and take the frames (numpy copies): a job whose `run` needs no MRML
+        access, or the Reply saying why there is none.  `busy` is True until `finish_propagation`."""
         self._check_session()
         s = self.session
         if s is None or not self.has_boxes:
@@ -490,20 +518,14 @@ class InteractionController:
         frames = [target.frame(i) for i in range(target.count)]  # numpy copies, taken before any event runs
         self.busy = True
         self._cancel_requested = False
+        return PropagationJob(s, engine, frames, key_boxes, direction, lambda: self._cancel_requested)
 
-        def report(fraction):
-            if progress is not None:
-                progress(float(fraction))
-            if pump is not None:
-                pump()
-
-        try:
-            masks = engine.propagate(frames, key_boxes, direction=direction, progress=report,
-                                     cancel=lambda: self._cancel_requested)
-        except Exception as exc:  # noqa: BLE001 - reported, nothing written
-            return Reply(status=f"Propagation failed: {exc}", error=True)
-        finally:
-            self.busy = False
+    def finish_propagation(self, job: PropagationJob, masks) -> Reply:
+        """Write the masks of a finished job (nothing when it was cancelled or its session ended)."""
+        self.busy = False
+        s = job.session
+        target = s.target
+        frames = job.frames
         if self._cancel_requested or self.session is not s:
             return Reply(status="Propagation stopped: nothing was written.", changed=True)
         if s.seg_node.GetScene() is None or s.volume.GetScene() is None \
@@ -531,3 +553,22 @@ class InteractionController:
         written = write_masks(self.writer, s.seg_node, s.segment_id, target.geometry, covered, "replace")
         self.reset()
         return Reply(handled=True, changed=True, status=f"Propagation wrote {len(written)} slices. Ctrl+Z undoes.")
+
+
+@dataclass
+class PropagationJob:
+    """The engine's part of a propagation: frames and key boxes in, one mask (or None) per frame out.
+
+    `run` touches no MRML node, so it may run on a worker thread; `cancel` is the controller's
+    Stop flag (`InteractionController.cancel()`)."""
+
+    session: Session
+    engine: Engine
+    frames: list
+    key_boxes: dict
+    direction: str
+    cancel: Callable[[], bool]
+
+    def run(self, progress: Callable[[float], None] | None = None) -> list:
+        return self.engine.propagate(self.frames, self.key_boxes, direction=self.direction, progress=progress,
+                                     cancel=self.cancel)
