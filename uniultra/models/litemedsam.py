@@ -312,73 +312,48 @@ def _lora_tinyvit(trunk: nn.Module, rank: int, alpha: float) -> list[nn.Paramete
 
 
 def apply_lite_peft(net: LiteMedSAMNet, method: str, scope: str, **options) -> dict:
-    """``apply_peft`` for LiteMedSAM's TinyViT trunk (students go through the Hiera path)."""
+    """``apply_peft`` for LiteMedSAM's TinyViT trunk (students go through the Hiera path): the same
+    driver (:func:`uniultra.models.peft.adapt`) with TinyViT's builders; no cnn-branch."""
     from uniultra.models.peft import (
         DECODER_PARTS,
-        METHODS,
-        SCOPES,
         _adapter_decoder,
         _attach_adapter_hooks,
         _lora_decoder,
+        adapt,
+        parameters_of,
     )
 
-    method = (method or "none").lower()
-    if method not in METHODS:
-        raise ValueError(f"unknown adaptation method {method!r}: choose one of {', '.join(METHODS)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown update scope {scope!r}: choose one of {', '.join(SCOPES)}")
-    if method == "cnn-branch":
-        raise ValueError("cnn-branch is built for SAM2's Hiera trunk; LiteMedSAM takes ch-adapter, lora, "
-                         "adapter, full or decoder")
-    known = {"lora": {"rank", "alpha", "decoder"}, "adapter": {"blocks", "reduction", "decoder_blocks"},
-             "ch-adapter": {"reduction"}}.get(method, set())
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"option(s) {sorted(unknown)} do not apply to method {method!r}; "
-                         f"it takes {sorted(known) or 'no options'}")
     trunk = net.image_encoder
-    encoder = scope == "encoder+decoder"
-    for p in net.parameters():
-        p.requires_grad_(False)
-    new: list[nn.Parameter] = []
 
-    def unfreeze_decoder() -> None:
-        for name in DECODER_PARTS:
-            for p in getattr(net, name).parameters():
-                p.requires_grad_(True)
-
-    if method == "ch-adapter":
+    def ch_adapter(encoder: bool, opts: dict) -> list:
+        new = []
         if encoder and hasattr(trunk.patch_embed, "edge_stem"):
             new += [p for n, p in trunk.named_parameters() if "ch_adapter" in n or "edge_stem" in n]
         elif encoder:
-            for mod in add_tinyvit_ch_adapters(trunk, int(options.get("reduction", 4))):
+            for mod in add_tinyvit_ch_adapters(trunk, int(opts.get("reduction", 4))):
                 new += list(mod.parameters())
-        unfreeze_decoder()
-    elif method == "lora":
-        rank, alpha = int(options.get("rank", 4)), float(options.get("alpha", options.get("rank", 4)))
+        return new + parameters_of(net, *DECODER_PARTS)
+
+    def lora(encoder: bool, opts: dict) -> list:
+        rank, alpha = int(opts.get("rank", 4)), float(opts.get("alpha", opts.get("rank", 4)))
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        if encoder:
-            new += _lora_tinyvit(trunk, rank, alpha)
-        if options.get("decoder", True) or not encoder:
+        new = _lora_tinyvit(trunk, rank, alpha) if encoder else []
+        if opts.get("decoder", True) or not encoder:
             new += _lora_decoder(net, rank, alpha)
-    elif method == "adapter":
-        reduction = int(options.get("reduction", 4))
+        return new
+
+    def adapter(encoder: bool, opts: dict) -> list:
+        reduction = int(opts.get("reduction", 4))
+        new = []
         if encoder:
             blocks = tinyvit_blocks(trunk)
             n = len(blocks)
-            chosen = options.get("blocks")
+            chosen = opts.get("blocks")
             chosen = sorted({b % n for b in chosen}) if chosen is not None else sorted({0, 1, n - 2, n - 1})
             for i in chosen:
                 new += _attach_adapter_hooks(blocks[i].attn, blocks[i].mlp, blocks[i].dim, reduction)
-        new += _adapter_decoder(net, int(options.get("decoder_blocks", 1)), reduction)
-    elif method == "full":
-        for p in (net.parameters() if encoder else []):
-            p.requires_grad_(True)
-        if not encoder:
-            unfreeze_decoder()
-    elif method == "decoder":
-        unfreeze_decoder()
-    for p in new:
-        p.requires_grad_(True)
-    return {"method": method, "scope": scope, "options": dict(options)}
+        return new + _adapter_decoder(net, int(opts.get("decoder_blocks", 1)), reduction)
+
+    return adapt(net, method, scope, options, {"ch-adapter": ch_adapter, "lora": lora, "adapter": adapter},
+                 "LiteMedSAM")

@@ -23,7 +23,7 @@ image encoder is adapted or updated.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -279,79 +279,93 @@ def _med_token_decoder(sam: nn.Module) -> list[nn.Parameter]:
 
 
 # ----------------------------------------------------------------------------- apply
+OPTIONS = {"lora": {"rank", "alpha", "decoder"}, "adapter": {"blocks", "reduction", "decoder_blocks"},
+           "ch-adapter": {"reduction"}, "cnn-branch": {"depth", "decoder"}}
+"""The options each method takes (the others take none)."""
+
+Builder = Callable[[bool, dict], list]
+"""``(encoder, options) -> new or unfrozen parameters``; ``encoder`` is ``scope == "encoder+decoder"``."""
+
+
+def parameters_of(net: nn.Module, *names: str) -> list[nn.Parameter]:
+    """Parameters of the named submodules of ``net``."""
+    return [p for name in names for p in getattr(net, name).parameters()]
+
+
+def adapt(net: nn.Module, method: str | None, scope: str, options: dict, builders: dict[str, Builder],
+          family: str) -> dict:
+    """The one driver of every model family's adaptation: check method, scope and options, freeze
+    ``net``, let the family's builder for ``method`` add (or pick) the trainable parameters, unfreeze
+    them.  ``full``, ``decoder`` and ``none`` are the same for every family that keeps SAM's
+    ``sam_prompt_encoder``/``sam_mask_decoder``; a family passes builders for the others."""
+    method = (method or "none").lower()
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptation method {method!r}: choose one of {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown update scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    table: dict[str, Builder] = {
+        "full": lambda enc, _: list(net.parameters()) if enc else parameters_of(net, *DECODER_PARTS),
+        "decoder": lambda enc, _: parameters_of(net, *DECODER_PARTS),
+        "none": lambda enc, _: [],
+        **builders,
+    }
+    if method not in table:
+        raise ValueError(f"{method} is built for SAM2's Hiera trunk; {family} takes "
+                         f"{', '.join(m for m in METHODS if m in table and m != 'none')}")
+    known = OPTIONS.get(method, set())
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"option(s) {sorted(unknown)} do not apply to method {method!r}; "
+                         f"it takes {sorted(known) or 'no options'}")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in table[method](scope == "encoder+decoder", options):
+        p.requires_grad_(True)
+    return {"method": method, "scope": scope, "options": dict(options)}
+
+
 def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder", **options) -> dict:
     """Adapt ``sam`` in place and set ``requires_grad`` by the method's freezing rules.
 
     Returns a description (method, scope, options) that is stored in checkpoints so that the
     same model can be rebuilt.
     """
-    method = (method or "none").lower()
-    if method not in METHODS:
-        raise ValueError(f"unknown adaptation method {method!r}: choose one of {', '.join(METHODS)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown update scope {scope!r}: choose one of {', '.join(SCOPES)}")
-    known = {"lora": {"rank", "alpha", "decoder"}, "adapter": {"blocks", "reduction", "decoder_blocks"},
-             "ch-adapter": {"reduction"}, "cnn-branch": {"depth", "decoder"}}.get(method, set())
-    unknown = set(options) - known
-    if unknown:
-        raise ValueError(f"option(s) {sorted(unknown)} do not apply to method {method!r}; "
-                         f"it takes {sorted(known) or 'no options'}")
     trunk = sam.image_encoder.trunk
-    encoder = scope == "encoder+decoder"
-    for p in sam.parameters():
-        p.requires_grad_(False)
-    new: list[nn.Parameter] = []
 
-    def unfreeze(*names: str) -> None:
-        for name in names:
-            if name == "outside-encoder":
-                for n, p in sam.named_parameters():
-                    if not n.startswith("image_encoder."):
-                        p.requires_grad_(True)
-            else:
-                for p in getattr(sam, name).parameters():
-                    p.requires_grad_(True)
-
-    if method == "ch-adapter":
+    def ch_adapter(encoder: bool, opts: dict) -> list:
+        new = []
         if encoder and isinstance(trunk, CHAdaptedHiera):  # already adapted (a trained model)
             new += [p for n, p in trunk.named_parameters() if "ch_adapter" in n or n.startswith("edge_stem")]
         elif encoder:
-            for mod in add_ch_adapters(trunk, int(options.get("reduction", 4))):
+            for mod in add_ch_adapters(trunk, int(opts.get("reduction", 4))):
                 new += list(mod.parameters())
-        unfreeze("outside-encoder")
-    elif method == "lora":
-        rank, alpha = int(options.get("rank", 4)), float(options.get("alpha", options.get("rank", 4)))
+        return new + [p for n, p in sam.named_parameters() if not n.startswith("image_encoder.")]
+
+    def lora(encoder: bool, opts: dict) -> list:
+        rank, alpha = int(opts.get("rank", 4)), float(opts.get("alpha", opts.get("rank", 4)))
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        if encoder:
-            new += _lora_encoder(trunk, rank, alpha)
-        if options.get("decoder", True) or not encoder:
+        new = _lora_encoder(trunk, rank, alpha) if encoder else []
+        if opts.get("decoder", True) or not encoder:
             new += _lora_decoder(sam, rank, alpha)
-    elif method == "adapter":
-        reduction = int(options.get("reduction", 4))
-        if encoder:
-            new += _adapter_encoder(trunk, options.get("blocks"), reduction)
-        new += _adapter_decoder(sam, int(options.get("decoder_blocks", 1)), reduction)
-    elif method == "cnn-branch":
-        if encoder:
-            new += _cnn_branch(trunk, int(options.get("depth", 34)))
-        decoder = options.get("decoder", "sam2")
+        return new
+
+    def adapter(encoder: bool, opts: dict) -> list:
+        reduction = int(opts.get("reduction", 4))
+        new = _adapter_encoder(trunk, opts.get("blocks"), reduction) if encoder else []
+        return new + _adapter_decoder(sam, int(opts.get("decoder_blocks", 1)), reduction)
+
+    def cnn_branch(encoder: bool, opts: dict) -> list:
+        decoder = opts.get("decoder", "sam2")
         if decoder not in ("sam2", "med-token"):
             raise ValueError(f"cnn-branch decoder {decoder!r} is not known: use sam2 or med-token")
+        new = _cnn_branch(trunk, int(opts.get("depth", 34))) if encoder else []
         if decoder == "med-token":
             new += _med_token_decoder(sam)
-        unfreeze(*DECODER_PARTS)
-    elif method == "full":
-        if encoder:
-            for p in sam.parameters():
-                p.requires_grad_(True)
-        else:
-            unfreeze(*DECODER_PARTS)
-    elif method == "decoder":
-        unfreeze(*DECODER_PARTS)
-    for p in new:
-        p.requires_grad_(True)
-    return {"method": method, "scope": scope, "options": dict(options)}
+        return new + parameters_of(sam, *DECODER_PARTS)
+
+    return adapt(sam, method, scope, options,
+                 {"ch-adapter": ch_adapter, "lora": lora, "adapter": adapter, "cnn-branch": cnn_branch}, "SAM2")
 
 
 def updated_parameter_names(sam: nn.Module) -> list[str]:
