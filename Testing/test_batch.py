@@ -238,6 +238,15 @@ def test_wrong_frame_count_and_cancel_leave_no_clip(ckpt, tmp_path, clips):
     assert write_summary(jobs, out)["done"] == 2
 
 
+def test_without_a_model_the_bundled_default_labels(capsys, tmp_path, clips):
+    """No --model and no model column: the bundled default (was: build_model(None) crashed)."""
+    man = _manifest(tmp_path, "a,clips/a.seq.nrrd,0,disc,5,10,28,30,\n")
+    code, out, err = run(capsys, "batch", man, "--out-dir", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "a" / "clip.json").read_text())
+    assert meta["frames"] == 5 and meta["model"] == "default"
+
+
 def test_outputs_open_in_slicer_as_named_segments(tmp_path, data_root):
     """Real carotid frames, the bundled model; the files are read back with slicer-core."""
     pytest.importorskip("slicer")

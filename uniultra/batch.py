@@ -958,9 +958,10 @@ def cmd_batch(args) -> int:
 
     def load(model):
         from uniultra.inference import Predictor
+        from uniultra.inference.predictor import DEFAULT_MODEL
         from uniultra.models import build_model
 
-        return Predictor(build_model(model or default_model), args.device, tta=args.tta)
+        return Predictor(build_model(model or default_model or DEFAULT_MODEL), args.device, tta=args.tta)
 
     events = None
     if args.events == "-":
