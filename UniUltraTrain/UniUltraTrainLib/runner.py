@@ -28,16 +28,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
-import importlib.util
 import json
 import math
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -187,41 +184,31 @@ def evaluate_args(model: str, data: str, split: str = "val", device: str = "auto
 
 
 # ------------------------------------------------------------------------------------ process
+# How the engine is started (PythonSlicer inside Slicer, PYTHONPATH, unbuffered output) has one copy,
+# uniultra/launch.py, shared with the Segment module's batch runner; imported when used, so the panel
+# sets up even before the engine is importable.
 def python_executable() -> str:
-    """The interpreter for engine subprocesses: `PythonSlicer` inside Slicer, else this Python."""
-    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
-        exe = shutil.which("PythonSlicer")
-        if exe:
-            return exe
-    return sys.executable
+    from uniultra.launch import python_executable as f
+
+    return f()
 
 
-def engine_root() -> Path | None:
-    """The folder that holds the `uniultra` package (installed next to the modules, or the source tree)."""
-    spec = importlib.util.find_spec("uniultra")
-    if spec is not None and spec.origin:
-        return Path(spec.origin).resolve().parents[1]
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "uniultra" / "__init__.py").is_file() else None
+def engine_root() -> Path:
+    from uniultra.launch import engine_root as f
+
+    return f()
 
 
 def engine_env(extra: dict | None = None) -> dict:
-    """Environment for the subprocess: the engine importable, unbuffered output, no tqdm colour."""
-    env = dict(os.environ)
-    root = engine_root()
-    if root is not None:
-        parts = [str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(root)]
-        env["PYTHONPATH"] = os.pathsep.join(parts)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("PYTHONIOENCODING", "utf-8")
-    if extra:
-        env.update({k: str(v) for k, v in extra.items()})
-    return env
+    from uniultra.launch import engine_env as f
+
+    return f(extra)
 
 
 def command(args: Sequence[str], python: str | None = None) -> list[str]:
-    """The whole command line: `<python> -m uniultra.cli <args>`."""
-    return [python or python_executable(), "-m", "uniultra.cli", *args]
+    from uniultra.launch import command as f
+
+    return f(args, python)
 
 
 class EngineProcess:
