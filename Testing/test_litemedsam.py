@@ -220,6 +220,11 @@ def test_embedding_cache(tmp_path):
         got = m.encode(torch.cat([x, x]))["image_embed"]
     assert cache.hits == 2 and cache.misses == 0
     assert torch.allclose(got[0], ref[0], atol=2e-3 * ref.abs().max())  # ONNX Runtime + fp16 storage
+    x2, _ = to_model_input(255 - img, 256)
+    with torch.no_grad():  # a batch of one image computed now and one from the cache stacks as one
+        mixed = m.encode(torch.cat([x2, x]))
+    assert cache.misses == 1 and mixed["image_embed"].shape[0] == 2
+    assert len(mixed["fpn"]) == 1 and mixed["fpn"][0] is mixed["image_embed"]
     trainable = build_model("litemedsam", peft="ch-adapter", random_init=True)
     with pytest.raises(InputError, match="frozen"):
         attach(trainable, tmp_path)

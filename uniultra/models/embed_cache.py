@@ -94,7 +94,7 @@ def _stack(rows: list[dict], device, dtype) -> dict:
     hr = rows[0].get("high_res_feats")
     emb["high_res_feats"] = None if hr is None else [cat([r["high_res_feats"][k] for r in rows])
                                                      for k in range(len(hr))]
-    if "fpn" in rows[0]:
+    if all("fpn" in r for r in rows):  # rows without it carry only image_embed (see _to_store)
         emb["fpn"] = [cat([r["fpn"][k] for r in rows]) for k in range(len(rows[0]["fpn"]))]
     else:
         emb["fpn"] = [emb["image_embed"]]
@@ -102,12 +102,13 @@ def _stack(rows: list[dict], device, dtype) -> dict:
 
 
 def _rows(emb: dict, i: int) -> dict:
-    out = {"image_embed": emb["image_embed"][i]}
+    ie = emb["image_embed"][i]  # one object, so that _to_store sees an FPN that is only the embedding
+    out = {"image_embed": ie}
     if emb.get("high_res_feats") is not None:
         out["high_res_feats"] = [t[i] for t in emb["high_res_feats"]]
     if emb.get("fpn") is not None:
         fpn = emb["fpn"]
-        out["fpn"] = [emb["image_embed"][i]] if len(fpn) == 1 and fpn[0] is emb["image_embed"] else [t[i] for t in fpn]
+        out["fpn"] = [ie] if len(fpn) == 1 and fpn[0] is emb["image_embed"] else [t[i] for t in fpn]
     return out
 
 
