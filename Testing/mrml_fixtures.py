@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "UniUltraSegment") not in sys.path:
     sys.path.insert(0, str(REPO / "UniUltraSegment"))
 
-import slicer  # noqa: E402  (slicer-core from PyPI: the real MRML core; a missing install must fail, not skip)
+import slicer  # noqa: E402,F401  (slicer-core from PyPI: the real MRML core; a missing install must fail, not skip)
 import vtk  # noqa: E402
 from UniUltraSegmentLib.context import create_context  # noqa: E402
-from UniUltraSegmentLib.segments import _numpy_matrix_to_vtk  # noqa: E402
+from UniUltraSegmentLib.geometry import numpy_to_vtk_matrix, volume_node  # noqa: E402
 
 DATA = Path(os.environ["UNIULTRA_DATA"]) if os.environ.get("UNIULTRA_DATA") else REPO.parent / "shared" / "data"
 
@@ -38,27 +38,13 @@ def mrml_context():
     c.scene.Clear(1)
 
 
-np_to_vtk_matrix = _numpy_matrix_to_vtk
+np_to_vtk_matrix = numpy_to_vtk_matrix
 
 
 def make_volume(ctx, arr: np.ndarray, ijk_to_ras: np.ndarray | None = None, name: str = "vol", rgb: bool = False):
-    """Scalar (K, J, I) or RGB vector (K, J, I, 3) volume node from a numpy array."""
-    from vtk.util import numpy_support
-
-    arr = np.ascontiguousarray(arr)
-    node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name)
-    image = vtk.vtkImageData()
-    k, j, i = arr.shape[:3]
-    image.SetDimensions(i, j, k)
-    ncomp = arr.shape[3] if arr.ndim == 4 else 1
-    vtype = numpy_support.get_vtk_array_type(arr.dtype)
-    image.AllocateScalars(vtype, ncomp)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = arr.reshape(-1, ncomp).squeeze()
-    node.SetAndObserveImageData(image)
-    if ijk_to_ras is None:
-        ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])  # how Slicer loads a 2D image (LPS)
-    node.SetIJKToRASMatrix(np_to_vtk_matrix(ijk_to_ras))
+    """Scalar (K, J, I) or RGB vector (K, J, I, 3) volume node from a numpy array, in the scene
+    (built by the module's own ``volume_node``; default geometry: how Slicer loads a 2D image)."""
+    node = volume_node(arr, ijk_to_ras, name, rgb=rgb)
     ctx.scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
     return node

@@ -215,3 +215,40 @@ def test_shipped_sample_data_loads(ctx):
     assert png.ndim == 2 and png.dtype == np.uint8
     total = sum(p.stat().st_size for p in sample.iterdir())
     assert total < 1.5e6
+
+
+def _dicom_variants(tmp_path):
+    """DICOM files whose decoding used to differ between the CLI and Slicer readers: MONOCHROME1
+    (16-bit single frame and 32-bit multi-frame), YBR_FULL_422 JPEG, palette colour, RGB."""
+    import pydicom
+    from pydicom import examples
+
+    out = {}
+    for name in ("ct", "rt_dose"):  # MONOCHROME2 -> MONOCHROME1 (inverted for display)
+        ds = pydicom.dcmread(examples.get_path(name))
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(tmp_path / f"{name}-m1.dcm")
+        out[f"{name}-m1"] = (tmp_path / f"{name}-m1.dcm", ds.pixel_array)
+    for name in ("ybr_color", "palette_color", "rgb_color"):
+        out[name] = (examples.get_path(name), None)
+    return out
+
+
+def test_dicom_same_pixels_from_cli_and_slicer(ctx, tmp_path):
+    """One DICOM file reaches the model as the same pixels from `uniultra` (read_frames) and from
+    Slicer (load_dicom_cine -> sequence -> the frames the effect reads)."""
+    from uniultra.data.io import read_frames
+
+    for name, (path, raw) in _dicom_variants(tmp_path).items():
+        cli = read_frames(path)
+        cine = load_dicom_cine(ctx, path)
+        geom = slice_geometry(cine.proxy, slice_to_ras(AXIAL, 0.0))
+        shown = cine.frames(geom)
+        assert len(shown) == len(cli) >= 1, name
+        for i, (a, b) in enumerate(zip(cli, shown)):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), (name, i)
+        if raw is not None:  # MONOCHROME1 is flipped within the data's range: min <-> max
+            raw = raw if raw.ndim == 3 else raw[None]
+            assert np.array_equal(np.stack(cli).astype(np.int64), raw.max() + raw.min() - raw.astype(np.int64)), name
+    ybr = read_frames(_dicom_variants(tmp_path)["ybr_color"][0])[0]
+    assert abs(int(ybr[..., 0].mean()) - int(ybr[..., 2].mean())) < 80  # RGB, not YCbCr

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uniultra.fileio import atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -193,9 +195,7 @@ def register_user_model(name: str, weights: Path, arch: str, image_size: int, pe
         file = str(weights)
     entry = ModelEntry(name=name, arch=arch, image_size=image_size, description=description,
                        file=file, source="user", peft=peft, extra=extra or {})
-    tmp = udir / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(entry.__dict__, indent=2), encoding="utf-8")
-    os.replace(tmp, udir / f"{name}.json")
+    atomic_write_text(udir / f"{name}.json", json.dumps(entry.__dict__, indent=2))
     return entry
 
 

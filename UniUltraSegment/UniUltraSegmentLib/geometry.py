@@ -31,6 +31,17 @@ def vtk_matrix_to_numpy(matrix) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
 
 
+def numpy_to_vtk_matrix(m: np.ndarray):
+    """A vtkMatrix4x4 from a (4, 4) array."""
+    import vtk
+
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r, c]))
+    return out
+
+
 def ijk_to_ras_of(volume_node) -> np.ndarray:
     """The volume's IJKToRAS as a (4, 4) array (parent transforms are not applied)."""
     import vtk
@@ -78,6 +89,31 @@ def volume_array(volume_node) -> np.ndarray:
     arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     shape = (dims[2], dims[1], dims[0]) + ((ncomp,) if ncomp > 1 else ())
     return arr.reshape(shape)
+
+
+def volume_node(arr: np.ndarray, ijk_to_ras: np.ndarray | None = None, name: str = "volume", rgb: bool | None = None):
+    """The one builder of a volume node from voxels (not added to a scene): a scalar volume from
+    (K, J, I), a vector volume from (K, J, I, C) (``rgb`` defaults to "has a component axis").
+
+    ``ijk_to_ras`` defaults to how Slicer loads a 2D image (LPS axes, spacing 1), which shows the
+    image upright in the Red (axial) view."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    arr = np.ascontiguousarray(arr)
+    rgb = arr.ndim == 4 if rgb is None else rgb
+    node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    image = vtk.vtkImageData()
+    k, j, i = arr.shape[:3]
+    image.SetDimensions(i, j, k)
+    ncomp = arr.shape[3] if arr.ndim == 4 else 1
+    image.AllocateScalars(numpy_support.get_vtk_array_type(arr.dtype), ncomp)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = arr.reshape(-1, ncomp).squeeze()
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(numpy_to_vtk_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) if ijk_to_ras is None else ijk_to_ras))
+    return node
 
 
 @dataclass(frozen=True)

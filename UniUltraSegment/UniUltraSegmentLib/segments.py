@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .geometry import SliceGeometry, ijk_to_ras_of
+from .geometry import SliceGeometry, ijk_to_ras_of, numpy_to_vtk_matrix
 
 MASK_MODES = {
     "everywhere": "EditAllowedEverywhere",
@@ -27,14 +27,7 @@ MASK_MODES = {
 OVERWRITE_MODES = {"all": "OverwriteAllSegments", "visible": "OverwriteVisibleSegments", "none": "OverwriteNone"}
 
 
-def _numpy_matrix_to_vtk(m: np.ndarray):
-    import vtk
-
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(m[r, c]))
-    return out
+_numpy_matrix_to_vtk = numpy_to_vtk_matrix  # the old private name (still imported by other front ends)
 
 
 def _vtk_matrix_of(oriented_image) -> np.ndarray:
@@ -60,7 +53,7 @@ def oriented_image_from_array(arr: np.ndarray, ijk_to_ras: np.ndarray, extent_or
     image.SetExtent(i0, i0 + ni - 1, j0, j0 + nj - 1, k0, k0 + nk - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = arr.ravel()
-    image.SetImageToWorldMatrix(_numpy_matrix_to_vtk(ijk_to_ras))
+    image.SetImageToWorldMatrix(numpy_to_vtk_matrix(ijk_to_ras))
     return image
 
 
@@ -100,7 +93,7 @@ def segment_array(seg_node, segment_id: str, volume_node) -> np.ndarray:
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg_node, segment_id, labelmap)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-    reference.SetImageToWorldMatrix(_numpy_matrix_to_vtk(ijk_to_ras_of(volume_node)))
+    reference.SetImageToWorldMatrix(numpy_to_vtk_matrix(ijk_to_ras_of(volume_node)))
     if labelmap.GetPointData().GetScalars() is None or labelmap.IsEmpty():
         return np.zeros((dims[2], dims[1], dims[0]), np.uint8)
     resampled = slicer.vtkOrientedImageData()
@@ -261,7 +254,7 @@ def align_to_segmentation(labelmap, seg_node):
 
     to_node = world_to_node_matrix(seg_node)
     if not np.allclose(to_node, np.eye(4)):
-        labelmap.SetImageToWorldMatrix(_numpy_matrix_to_vtk(to_node @ _vtk_matrix_of(labelmap)))
+        labelmap.SetImageToWorldMatrix(numpy_to_vtk_matrix(to_node @ _vtk_matrix_of(labelmap)))
     ref = reference_geometry(seg_node)
     if ref is None or slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, ref):
         return labelmap

@@ -9,21 +9,17 @@ browser, so scrubbing the browser shows each frame's mask in the proxy segmentat
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .geometry import SliceGeometry, volume_array
+from uniultra.data.dicom import DicomCine, read_dicom_cine  # noqa: F401  (the engine's reader)
+from uniultra.fileio import atomic_write
+
+from .geometry import SliceGeometry, volume_array, volume_node
 from .segments import get_or_add_segment, segment_frame, write_masks
-
-
-def _matrix(m: np.ndarray):
-    from .segments import _numpy_matrix_to_vtk
-
-    return _numpy_matrix_to_vtk(m)
 
 
 def volume_from_frame(frame: np.ndarray, spacing=(1.0, 1.0), name: str = "frame"):
@@ -32,23 +28,9 @@ def volume_from_frame(frame: np.ndarray, spacing=(1.0, 1.0), name: str = "frame"
     Geometry as Slicer gives a loaded 2D image: LPS axes, so the image is upright in the
     Red (axial) view.  RGB frames become vector volumes.
     """
-    import slicer
-    import vtk
-    from vtk.util import numpy_support
-
-    frame = np.ascontiguousarray(frame)
-    rgb = frame.ndim == 3
-    node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name)
-    h, w = frame.shape[:2]
-    image = vtk.vtkImageData()
-    image.SetDimensions(w, h, 1)
-    ncomp = frame.shape[2] if rgb else 1
-    image.AllocateScalars(numpy_support.get_vtk_array_type(frame.dtype), ncomp)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = frame.reshape(h * w, ncomp).squeeze()
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(_matrix(np.diag([-float(spacing[0]), -float(spacing[1]), 1.0, 1.0])))
-    return node
+    frame = np.asarray(frame)
+    return volume_node(frame[None], np.diag([-float(spacing[0]), -float(spacing[1]), 1.0, 1.0]), name,
+                       rgb=frame.ndim == 3)
 
 
 @dataclass
@@ -134,91 +116,6 @@ def find_cine(ctx, volume_node) -> Cine | None:
 # ---------------------------------------------------------------------------------- loading
 
 
-@dataclass
-class DicomCine:
-    frames: np.ndarray  # (N, H, W) or (N, H, W, 3) uint8/uint16
-    spacing: tuple[float, float]  # mm (x, y)
-    frame_time_s: float
-    description: str = ""
-    meta: dict = field(default_factory=dict)
-
-
-def read_dicom_cine(path: str | os.PathLike) -> DicomCine:
-    """Multi-frame (or single-frame) ultrasound DICOM -> frames as displayed (RGB for colour).
-
-    Handles MONOCHROME, RGB, YBR_* (converted to RGB by pydicom) and PALETTE COLOR (the LUT
-    is applied; 16-bit LUT entries are scaled to 8 bit).  Pixel spacing from PixelSpacing or
-    the first ultrasound region (cm -> mm); frame time from FrameTime (ms).
-    """
-    import pydicom
-
-    apply_color_lut, pixel_array = _pydicom_pixel_functions()
-    try:
-        ds = pydicom.dcmread(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"'{path}' could not be read as DICOM ({exc}): choose a DICOM file") from exc
-    if "PixelData" not in ds:
-        raise ValueError(f"'{path}' has no image (no PixelData): choose an ultrasound image file")
-    try:
-        arr = pixel_array(ds)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(
-            f"'{path}': the pixel data ({ds.file_meta.TransferSyntaxUID.name}) could not be decoded "
-            f"({exc}); install a decoder such as pylibjpeg or convert the file"
-        ) from exc
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-        if arr.dtype != np.uint8 and arr.max() > 255:
-            arr = (arr >> 8).astype(np.uint8)
-    if n == 1:
-        arr = arr[None]
-    if photometric.startswith("MONOCHROME1"):
-        arr = arr.max() - arr
-    spacing = (1.0, 1.0)
-    if "PixelSpacing" in ds:
-        row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
-        spacing = (col_sp, row_sp)
-    elif "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
-        region = ds.SequenceOfUltrasoundRegions[0]
-        dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
-        # units code 3 = cm
-        if dx and dy and region.get("PhysicalUnitsXDirection") == 3 and region.get("PhysicalUnitsYDirection") == 3:
-            spacing = (abs(float(dx)) * 10.0, abs(float(dy)) * 10.0)
-    frame_time = float(ds.get("FrameTime", 0) or 0) / 1000.0
-    if not frame_time and ds.get("CineRate"):
-        frame_time = 1.0 / float(ds.CineRate)
-    desc = str(ds.get("SeriesDescription", "") or ds.get("StudyDescription", "") or Path(path).stem)
-    return DicomCine(np.ascontiguousarray(arr), spacing, frame_time, desc, {"photometric": photometric})
-
-
-def _pydicom_pixel_functions():
-    """(apply_color_lut, pixel_array) for pydicom 3 (`pydicom.pixels`) and pydicom 2.
-
-    Slicer 5.10 bundles pydicom 2.4.4 and 5.12 bundles 3.0.2
-    (SuperBuild/External_python-dicom-requirements.cmake); pydicom 2 has no `pydicom.pixels`,
-    its LUT helper is `pydicom.pixel_data_handlers.util.apply_color_lut` and decoding is
-    `Dataset.pixel_array`.  pydicom 3's `pixel_array` returns YBR_FULL(_422) as RGB; pydicom 2's
-    Pillow handler keeps JPEG data in YCbCr (`im.draft('YCbCr', ...)`), so it is converted here.
-    """
-    try:
-        from pydicom.pixels import apply_color_lut, pixel_array
-
-        return apply_color_lut, pixel_array
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_color_lut, convert_color_space
-
-        def pixel_array_v2(ds):
-            arr = ds.pixel_array
-            photometric = str(ds.get("PhotometricInterpretation", ""))
-            if photometric in ("YBR_FULL", "YBR_FULL_422") and int(ds.get("SamplesPerPixel", 1) or 1) == 3:
-                arr = convert_color_space(arr, "YBR_FULL", "RGB")
-            return arr
-
-        return apply_color_lut, pixel_array_v2
-
-
 def load_dicom_cine(ctx, path: str | os.PathLike, name: str | None = None) -> Cine:
     d = read_dicom_cine(path)
     return create_cine(ctx, d.frames, d.spacing, d.frame_time_s, name or Path(path).stem)
@@ -249,25 +146,19 @@ def save_sequence_file(ctx, sequence, path: str | os.PathLike) -> None:
 
     path = Path(path)
     storage = slicer.vtkMRMLVolumeSequenceStorageNode()
-    _atomic_write(path, lambda tmp: storage.SetFileName(tmp) or storage.WriteData(sequence))
+    _write_storage(storage, sequence, path)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=".uniultra-", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
-    try:
-        ok = write(tmp)
-        if ok is False or ok == 0:
+def _write_storage(storage, node, path: Path) -> None:
+    """Write ``node`` through an MRML storage node, atomically (VTK picks the writer from the file
+    name, so the temporary file keeps the extension; WriteData returns 0 on failure)."""
+
+    def write(tmp: str) -> None:
+        storage.SetFileName(tmp)
+        if not storage.WriteData(node):
             raise OSError(f"could not write '{path}'")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write, keep_ext=True)
 
 
 # ----------------------------------------------------------------------- .seg.nrrd round trip
@@ -278,7 +169,7 @@ def save_segmentation(seg_node, path: str | os.PathLike) -> None:
     import slicer
 
     storage = slicer.vtkMRMLSegmentationStorageNode()
-    _atomic_write(Path(path), lambda tmp: storage.SetFileName(tmp) or storage.WriteData(seg_node))
+    _write_storage(storage, seg_node, Path(path))
 
 
 def load_segmentation(ctx, path: str | os.PathLike, name: str | None = None):
@@ -456,7 +347,7 @@ def export_frame_masks_png(
     paths = []
     for i, mask in enumerate(cine_frame_masks(cine, proxy_seg, segment_id, geometry)):
         p = folder / f"{prefix}_{i:04d}.png"
-        _atomic_write(p, lambda tmp, m=mask: Image.fromarray((m * 255).astype(np.uint8)).save(tmp, format="PNG"))
+        atomic_write(p, lambda tmp, m=mask: Image.fromarray((m * 255).astype(np.uint8)).save(tmp, format="PNG"))
         paths.append(p)
     return paths
 

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,9 @@ from pathlib import Path
 import numpy as np
 from UniUltraSegmentLib.geometry import SliceGeometry, ijk_to_ras_of, slice_geometry, volume_array
 from UniUltraSegmentLib.segments import segment_array
+
+from uniultra.data.intensity import intensity_window, to_uint8
+from uniultra.fileio import atomic_write, atomic_write_text
 
 # Slicer's slice orientation presets (SliceToRAS rotation: columns are view x, view y, normal)
 ORIENTATIONS = {
@@ -45,24 +47,6 @@ OVERLAY_COLORS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (
 
 
 # ------------------------------------------------------------------------------------ helpers
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """`write(tmp)` to a temporary file beside `path`, then rename: readers never see half a file."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
-
-
 def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     """8-bit grey (H, W) or RGB (H, W, 3) PNG, written atomically."""
     from PIL import Image
@@ -74,44 +58,13 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    def _w(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return atomic_write(path, _w)
+    return atomic_write_text(path, text)
 
 
 def safe_id(name: str) -> str:
     """A file-name-safe id: letters, digits, '-', '_' only."""
     s = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_")
     return s or "case"
-
-
-def to_uint8(frame: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
-    """8-bit copy of a frame: uint8 unchanged; otherwise linear from `window` (low, high) to 0..255."""
-    f = np.asarray(frame)
-    if f.ndim == 3 and f.shape[2] == 4:
-        f = f[..., :3]
-    if f.ndim == 3 and f.shape[2] == 1:
-        f = f[..., 0]
-    if f.dtype == np.uint8:
-        return np.ascontiguousarray(f)
-    lo, hi = window if window is not None else intensity_window(f)
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.clip((f.astype(np.float64) - lo) * scale, 0, 255).round().astype(np.uint8)
-
-
-def intensity_window(arr: np.ndarray) -> tuple[float, float]:
-    """Robust (0.5, 99.5) percentile window of a volume, so every slice of a case maps alike."""
-    a = np.asarray(arr)
-    if a.dtype == np.uint8:
-        return (0.0, 255.0)
-    if a.dtype == np.bool_:
-        return (0.0, 1.0)
-    lo, hi = np.percentile(a, (0.5, 99.5)) if a.size > 1 else (float(a.min()), float(a.max()))
-    if hi <= lo:
-        lo, hi = float(a.min()), float(a.max())
-    return float(lo), float(hi)
 
 
 def count_objects(mask: np.ndarray) -> int:
@@ -563,10 +516,7 @@ def load_volume_file(ctx, path: str | os.PathLike, name: str | None = None):
     Geometry as Slicer loads it: ITK's LPS origin/direction converted to RAS.
     """
     import SimpleITK as sitk
-    import slicer
-    import vtk
-    from UniUltraSegmentLib.segments import _numpy_matrix_to_vtk
-    from vtk.util import numpy_support
+    from UniUltraSegmentLib.geometry import volume_node
 
     path = Path(path)
     try:
@@ -580,22 +530,12 @@ def load_volume_file(ctx, path: str | os.PathLike, name: str | None = None):
     if ncomp == 4:
         arr = arr[..., :3]
         ncomp = 3
-    rgb = ncomp > 1
-    node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name or path.name.split(".")[0])
-    image = vtk.vtkImageData()
-    k, j, i = arr.shape[:3]
-    image.SetDimensions(i, j, k)
-    arr = np.ascontiguousarray(arr)
-    image.AllocateScalars(numpy_support.get_vtk_array_type(arr.dtype), ncomp)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = arr.reshape(-1, ncomp).squeeze()
-    node.SetAndObserveImageData(image)
     direction = np.array(img.GetDirection(), float).reshape(3, 3)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     m = np.eye(4)
     m[:3, :3] = lps_to_ras @ direction @ np.diag(img.GetSpacing())
     m[:3, 3] = lps_to_ras @ np.array(img.GetOrigin(), float)
-    node.SetIJKToRASMatrix(_numpy_matrix_to_vtk(m))
+    node = volume_node(arr, m, name or path.name.split(".")[0], rgb=ncomp > 1)
     ctx.scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
     return node

@@ -5,7 +5,8 @@ Readers
 * :func:`read_image` -- one 2D image: PNG/JPG/TIFF/BMP (PIL), NRRD/NIfTI/MHA/MHD (SimpleITK; a
   3D file with a single slice is squeezed), single-frame DICOM (pydicom, colour converted to RGB).
 * :func:`read_frames` -- a list of 2D frames from
-  - multi-frame DICOM (palette colour through its LUT, YBR converted to RGB, MONOCHROME1 inverted),
+  - multi-frame DICOM (:mod:`uniultra.data.dicom`: palette colour through its LUT, YBR converted
+    to RGB, MONOCHROME1 inverted),
   - a Slicer sequence ``.seq.nrrd`` (the NRRD axis whose kind is ``list`` is the frame axis; a
     ``vector``/``RGB-color`` axis is the colour axis),
   - a 3D volume (``.nrrd``, ``.nii``, ``.nii.gz``, ``.mha``, ...) sliced along ``axis`` of the numpy
@@ -23,18 +24,17 @@ Every failure to read is a :class:`uniultra.errors.InputError` with a one-line m
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from uniultra.data.transforms import to_uint8_rgb
+from uniultra.data.dicom import read_dicom_cine
+from uniultra.data.intensity import to_uint8_rgb
 from uniultra.errors import InputError
+from uniultra.fileio import atomic_write  # noqa: F401  (re-exported: uniultra.data.io.atomic_write)
 
 PIL_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 ITK_EXT = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".hdr", ".img")
@@ -120,53 +120,8 @@ def read_itk(path) -> tuple[np.ndarray, dict]:
 # ---------------------------------------------------------------------------------------------
 # DICOM
 def _dicom_frames_array(p: Path) -> np.ndarray:
-    """Decoded pixel data of a DICOM file as ``[N, H, W(, 3)]`` with colour converted to RGB."""
-    try:
-        import pydicom
-        from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
-
-        ds = pydicom.dcmread(str(p))
-    except Exception as e:
-        raise InputError(f"cannot read DICOM '{p}': {e}; is it a DICOM file?") from e
-    if "PixelData" not in ds:
-        raise InputError(f"cannot read DICOM '{p}': it holds no image (no Pixel Data); pick an image series file")
-    try:
-        decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
-        arr, meta = decoder.as_array(ds, as_rgb=True)
-    except Exception as e:
-        raise InputError(
-            f"cannot decode DICOM '{p}' (transfer syntax "
-            f"{getattr(ds.file_meta, 'TransferSyntaxUID', '?')}): {e}; install a decoder plugin (e.g. pylibjpeg) "
-            f"or convert the file"
-        ) from e
-    nframes = int(meta.get("number_of_frames") or ds.get("NumberOfFrames") or 1)
-    spp = int(meta.get("samples_per_pixel") or ds.get("SamplesPerPixel") or 1)
-    pi = str(meta.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if nframes == 1:
-        arr = arr[None]
-    if spp == 1 and arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if pi == "PALETTE COLOR":
-        try:
-            rgb = apply_color_lut(arr, ds)
-        except Exception as e:
-            raise InputError(f"cannot apply the colour palette of DICOM '{p}': {e}; the file may be damaged") from e
-        desc = ds.get("RedPaletteColorLookupTableDescriptor")
-        bits = int(desc[2]) if desc is not None and len(desc) > 2 else 8
-        if bits > 8 or rgb.max() > 255:
-            rgb = (rgb.astype(np.uint32) >> 8).astype(np.uint8)
-        arr = rgb.astype(np.uint8)
-    elif pi.startswith("YBR") and spp == 3:
-        src = "YBR_FULL" if pi in ("YBR_FULL", "YBR_FULL_422") else pi
-        try:
-            arr = convert_color_space(arr, src, "RGB")
-        except Exception:
-            arr = convert_color_space(arr, "YBR_FULL", "RGB")
-    elif pi == "MONOCHROME1":  # display-inverted grey: flip within the data's own range
-        dt = arr.dtype
-        wide = arr.astype(np.float64 if dt.kind == "f" else np.int64)
-        arr = (wide.max() + wide.min() - wide).astype(dt)
-    return np.ascontiguousarray(arr)
+    """Decoded pixel data of a DICOM file as ``[N, H, W(, 3)]`` (:mod:`uniultra.data.dicom`)."""
+    return read_dicom_cine(p).frames
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +312,7 @@ def read_image(path) -> np.ndarray:
         if a.ndim == 3 and a.shape[2] not in (1, 3):
             raise InputError(f"'{p}' has {a.shape[2]} components per pixel; use a grey or RGB image")
         return np.ascontiguousarray(a)
-    # unknown extension: try PIL, then SimpleITK
+    # unknown extension: try PIL
     try:
         return _read_pil(p)
     except InputError:
@@ -410,26 +365,6 @@ def read_frames(path, axis: int = 0) -> list[np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------
 # Writers
-def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then ``os.replace`` it onto
-    ``path``.  On any failure the temporary file is removed and ``path`` is untouched."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result gets normal permissions
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return dest
-
-
 def _save_png(img: Image.Image, path) -> Path:
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 

@@ -1,8 +1,9 @@
 """Image <-> model-space transforms (SAM2 conventions, see docs/ENGINE_API.md).
 
-* Intensity: ``uint8`` images are used as is (``/255``); bool as 0/1; every other dtype is
-  min-max scaled to [0, 1] between its robust 0.5 and 99.5 percentiles (values outside are
-  clipped).  A constant image maps to all zeros (no division by zero).
+* Intensity (:mod:`uniultra.data.intensity`, torch-free, re-exported here): ``uint8`` images are
+  used as is (``/255``); bool as 0/1; every other dtype is min-max scaled to [0, 1] between its
+  robust 0.5 and 99.5 percentiles (values outside are clipped).  A constant image maps to all
+  zeros (no division by zero).
 * Channels: grey ``(H, W)`` / ``(H, W, 1)`` is repeated to 3 channels, ``(H, W, 2)`` (grey +
   alpha) keeps the grey channel, RGBA drops alpha.
 * Geometry: the image is resized to ``S x S`` (bilinear, antialiased, no aspect preservation,
@@ -19,62 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uniultra.errors import InputError
+from uniultra.data.intensity import _as_hwc, intensity_window, scale_intensity, to_uint8, to_uint8_rgb  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Box = tuple[float, float, float, float]
-
-
-def _as_hwc(image: np.ndarray) -> np.ndarray:
-    """Return ``(H, W, C)`` with C in {1, 3}; drop alpha."""
-    a = np.asarray(image)
-    if a.ndim == 2:
-        return a[:, :, None]
-    if a.ndim == 3:
-        c = a.shape[2]
-        if c == 1 or c == 3:
-            return a
-        if c == 2:
-            return a[:, :, :1]
-        if c == 4:
-            return a[:, :, :3]
-    raise InputError(
-        f"image of shape {tuple(a.shape)} is not a 2D grey or RGB image; pass an (H, W) or (H, W, 3) array"
-    )
-
-
-def scale_intensity(image: np.ndarray) -> np.ndarray:
-    """Image of any dtype/range -> float32 ``(H, W, 3)`` in [0, 1] (rules in the module doc)."""
-    a = _as_hwc(image)
-    if a.shape[0] == 0 or a.shape[1] == 0:
-        raise InputError(f"image of shape {tuple(np.shape(image))} is empty; pass a non-empty image")
-    if a.dtype == np.uint8:
-        out = a.astype(np.float32) / 255.0
-    elif a.dtype == np.bool_:
-        out = a.astype(np.float32)
-    else:
-        f = a.astype(np.float64)
-        finite = np.isfinite(f)
-        if not finite.all():
-            fill = float(np.median(f[finite])) if finite.any() else 0.0
-            f = np.where(finite, f, fill)
-        lo, hi = np.percentile(f, [0.5, 99.5])
-        if not hi > lo:  # nearly constant: fall back to the full range
-            lo, hi = float(f.min()), float(f.max())
-        if hi > lo:
-            out = np.clip((f - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-        else:
-            out = np.zeros(f.shape, np.float32)
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    return np.ascontiguousarray(out)
-
-
-def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
-    """Image of any dtype/range -> uint8 ``(H, W, 3)`` for display (same scaling as the model)."""
-    return np.round(scale_intensity(image) * 255.0).astype(np.uint8)
 
 
 def normalize_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -22,28 +22,10 @@ import numpy as np
 import torch
 
 from uniultra.data.transforms import box_to_model, image_to_model_coords, to_model_input, upsample_logits
+from uniultra.device import pick_device  # noqa: F401  (re-exported: uniultra.inference.pick_device)
 from uniultra.errors import InputError
 
 DEFAULT_MODEL = "uniultra-mini-us"
-
-
-def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"device {device!r} is not known: use auto, cpu, cuda or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device mps was asked for but Apple MPS is not available: use --device cpu or auto")
-    return dev
 
 
 def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:

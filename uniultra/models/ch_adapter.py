@@ -10,7 +10,7 @@ The adapter adds a context branch (a D -> D/4 -> D bottleneck on the tokens) and
 positional embedding, by a trainable 3x3 conv + GELU, and is max-pooled 2x at every stage
 boundary so that it always matches the current token grid.
 
-Differences from the published code (see METHODS.md): the edge map is laid out with a real
+Differences from the published code: the edge map is laid out with a real
 permute (the published ``view`` scrambles it), the edge conv is trained (not detached), and
 the Sobel kernels are applied per channel.
 
