@@ -1,24 +1,18 @@
-"""Uniform layout reader, instances, mixing, the training dataset, COCO both ways, volume pairs."""
+"""Uniform layout reader, instances, mixing, the training dataset and its augmentation."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
+from uniultra.data.augment import AugmentedSource
 from uniultra.data.datasets import (
     SAM_UNET_MIN_AREA,
     PromptSegDataset,
     UniformDataset,
-    VolumePairDataset,
     combine,
     mask_instances,
-    read_coco,
-    volume_pair_slices,
-    write_coco,
 )
 from uniultra.errors import InputError
 
@@ -72,11 +66,10 @@ class _Src:
 def test_combine_weights():
     c = combine([_Src(10, "a"), _Src(1000, "b")], [1, 1])
     assert len(c) == 1010
-    idx = c.sample_indices(4000, 0)
-    share_a = np.mean(idx < 10)
-    assert 0.45 < share_a < 0.55
-    s = list(c.sampler(200, seed=1))
-    assert len(s) == 200 and s == list(c.sampler(200, seed=1))
+    w = c.sample_weights  # what the trainer's EpochSampler draws with
+    assert w.sum() == pytest.approx(1.0) and w[:10].sum() == pytest.approx(0.5)  # 10 items weigh as 1000
+    assert np.allclose(w[:10], 0.05) and np.allclose(w[10:], 0.0005)
+    assert combine([_Src(10, "a"), _Src(30, "b")], [3, 1]).sample_weights[:10].sum() == pytest.approx(0.75)
     with pytest.raises(InputError):
         combine([_Src(1, "a")], [0])
 
@@ -97,6 +90,7 @@ def test_prompt_seg_dataset(dataset_root):
     batch = torch.utils.data.default_collate([ds[0], ds[1]])
     assert batch["image"].shape == (2, 3, 128, 128)
     aug = PromptSegDataset(src, size=128, augment=True, mask_div=1, seed=3)
+    assert isinstance(aug.source, AugmentedSource)  # one augmentation pipeline: the trainer's
     x1 = aug[0]
     aug.set_epoch(1)
     x2 = aug[0]
@@ -107,63 +101,44 @@ def test_prompt_seg_dataset(dataset_root):
     assert not torch.equal(PromptSegDataset(src, size=128, mask_div=1, seed=3)[0]["image"], x1["image"])
 
 
-def test_coco_round_trip(tmp_path):
-    lab = np.zeros((40, 50), np.uint8)
-    lab[5:15, 5:20] = 255
-    lab[25:35, 30:45] = 255
-    lab[20:24, 2:6] = 3
-    items = [("a.png", lab), ("b.png", np.zeros((40, 50), np.uint8))]
-    p = write_coco(tmp_path / "rle.json", items)
-    doc = json.loads(p.read_text())
-    assert len(doc["annotations"]) == 3 and {c["id"] for c in doc["categories"]} == {3, 255}
-    assert isinstance(doc["annotations"][0]["segmentation"]["counts"], str)
-    back = read_coco(p)
-    assert set(back) == {"a.png", "b.png"} and back["b.png"]["instances"] == []
-    got = back["a.png"]["instances"]
-    ref = mask_instances(lab)
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        assert np.array_equal(g.mask, r.mask) and g.label == r.label and g.box == r.box
-    pp = write_coco(tmp_path / "poly.json", items, polygons=True)
-    assert isinstance(json.loads(pp.read_text())["annotations"][0]["segmentation"], list)
-    for g, r in zip(read_coco(pp)["a.png"]["instances"], ref):
-        inter = (g.mask & r.mask).sum()
-        assert inter / (g.mask | r.mask).sum() > 0.75
+class _Shape:
+    """An asymmetric 'L' whose image is bright exactly where its label is set."""
+
+    def __init__(self, h=96, w=128):
+        lab = np.zeros((h, w), np.uint8)
+        lab[20:70, 30:45] = 255
+        lab[55:70, 45:100] = 255
+        self.lab, self.img = lab, np.where(lab > 0, 230, 20).astype(np.uint8)
+
+    def __len__(self):
+        return 1
+
+    def load(self, i):
+        return self.img, self.lab
 
 
-def test_coco_from_dataset(dataset_root, tmp_path):
-    ds = UniformDataset(dataset_root("ddti"), "test")
-    ds.records = ds.records[:5]
-    p = write_coco(tmp_path / "d.json", ds)
-    back = read_coco(p)
-    assert len(back) == 5
-    name = str(ds.records[0].image.relative_to(ds.root))
-    assert np.array_equal(np.any([t.mask for t in back[name]["instances"]], axis=0), ds.load(0)[1] != 0)
-    assert json.loads(p.read_text())["categories"][0]["name"] == ds.meta["labels"]["255"]
-
-
-def test_volume_pairs(tmp_path):
-    vol = np.random.default_rng(0).integers(0, 1000, (6, 20, 30)).astype(np.int16)
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.5, 0.5, 2.0))
-    img.SetOrigin((10.0, 0.0, 0.0))
-    sitk.WriteImage(img, str(tmp_path / "img.nrrd"))
-    lab = np.zeros((6, 20, 30), np.uint8)
-    lab[2, 5:10, 5:15] = 1
-    lab[4, 12:18, 20:28] = 1
-    # a Slicer-like .seg.nrrd cropped to the segment extent (different geometry)
-    crop = sitk.GetImageFromArray(lab[2:5, 5:18, 5:28])
-    crop.SetSpacing((0.5, 0.5, 2.0))
-    crop.SetOrigin((10.0 + 5 * 0.5, 5 * 0.5, 2 * 2.0))
-    sitk.WriteImage(crop, str(tmp_path / "lab.seg.nrrd"))
-    sl = volume_pair_slices(tmp_path / "img.nrrd", tmp_path / "lab.seg.nrrd")
-    assert [k for k, _, _ in sl] == [2, 4]
-    for k, im, lb in sl:
-        assert np.array_equal(im, vol[k]) and np.array_equal(lb != 0, lab[k] != 0)
-    assert len(volume_pair_slices(tmp_path / "img.nrrd", tmp_path / "lab.seg.nrrd", skip_empty=False)) == 6
-    assert len(volume_pair_slices(tmp_path / "img.nrrd", tmp_path / "lab.seg.nrrd", axis=2)) == 18  # labelled columns 5..14 and 20..27
-    sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / "lab.nii.gz"))
-    vp = VolumePairDataset([(tmp_path / "img.nrrd", tmp_path / "img.nrrd")], skip_empty=True)
-    assert len(vp) == 6
-    ds = PromptSegDataset(VolumePairDataset([(tmp_path / "img.nrrd", tmp_path / "lab.seg.nrrd")]), size=32)
-    assert ds[0]["valid"].all()
+def test_augmentation_moves_label_with_image():
+    """Flip, rotation, scale and shift move the label exactly as the image; intensity changes only
+    the image.  A label left behind (or flipped alone) would break the overlap."""
+    src = _Shape()
+    moved = 0
+    for salt in range(12):
+        aug = AugmentedSource(src, seed=5, rot_deg=25, scale=0.3, shift=0.15, gain=0, contrast=0, gamma=0,
+                              speckle=0)
+        aug.salt = salt
+        img, lab = aug.load(0)
+        assert img.shape == src.img.shape and lab.shape == src.lab.shape and set(np.unique(lab)) <= {0, 255}
+        bright, fg = img > 125, lab > 0
+        assert fg.sum() > 0.4 * (src.lab > 0).sum()
+        iou = (bright & fg).sum() / (bright | fg).sum()
+        assert iou > 0.9, (salt, iou)
+        moved += not np.array_equal(fg, src.lab > 0)
+        again = AugmentedSource(src, seed=5, rot_deg=25, scale=0.3, shift=0.15, gain=0, contrast=0, gamma=0,
+                                speckle=0)
+        again.salt = salt
+        assert all(np.array_equal(a, b) for a, b in zip(again.load(0), (img, lab)))  # seeded by (seed, salt, i)
+    assert moved == 12
+    # intensity augmentation leaves the label alone and changes the image
+    aug = AugmentedSource(src, seed=5, flip_p=0, rot_deg=0, scale=0, shift=0)
+    img, lab = aug.load(0)
+    assert np.array_equal(lab, src.lab) and not np.array_equal(img, src.img)

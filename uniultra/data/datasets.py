@@ -1,5 +1,4 @@
-"""Datasets: the uniform folder layout, instances, weighted mixing, a torch training dataset,
-COCO instance JSON (both ways) and image/label volume pairs.
+"""Datasets: the uniform folder layout, instances, weighted mixing and a torch training dataset.
 
 Uniform layout (the shared data's README, ``../shared/data/README.md`` beside the checkout)::
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ import torch
 from scipy import ndimage as ndi
 
 from uniultra.data import prompts as P
-from uniultra.data.io import atomic_write, read_image, read_itk, read_mask
+from uniultra.data.io import read_image, read_mask
 from uniultra.data.transforms import (
     box_to_model,
     image_to_model_coords,
@@ -235,54 +233,10 @@ class Combined(torch.utils.data.ConcatDataset):
         per = [np.full(len(d), wd / max(len(d), 1)) for d, wd in zip(datasets, self.weights)]
         self.sample_weights = np.concatenate(per) if per else np.zeros(0)
 
-    def sampler(self, num_samples: int | None = None, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
-        g = torch.Generator().manual_seed(seed)
-        return torch.utils.data.WeightedRandomSampler(torch.as_tensor(self.sample_weights, dtype=torch.double),
-                                                      num_samples or len(self), replacement=True, generator=g)
-
-    def sample_indices(self, n: int, rng=None) -> np.ndarray:
-        rng = P.as_rng(rng)
-        return rng.choice(len(self), size=n, p=self.sample_weights / self.sample_weights.sum())
-
 
 def combine(datasets, weights=None) -> Combined:
     """Weighted mixture of datasets (see :class:`Combined`)."""
     return Combined(list(datasets), weights)
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation (image in [0,1] float (H, W, 3), label map integer (H, W))
-def augment_pair(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator,
-                 flip_p: float = 0.5, rot_deg: float = 10.0, scale: float = 0.1, shift: float = 0.05,
-                 gain: float = 0.2, contrast: float = 0.2, gamma: float = 0.3, speckle: float = 0.15):
-    """Ultrasound-friendly augmentations: horizontal flip, small affine (rotation, scale,
-    translation; nearest for labels), gain / contrast / gamma, speckle-like multiplicative noise."""
-    h, w = lab.shape
-    if rng.random() < flip_p:
-        img, lab = img[:, ::-1], lab[:, ::-1]
-    th = np.deg2rad(rng.uniform(-rot_deg, rot_deg))
-    s = np.exp(rng.uniform(-scale, scale))
-    t = rng.uniform(-shift, shift, 2) * np.array([h, w])
-    if abs(th) > 1e-6 or abs(s - 1) > 1e-6 or np.any(np.abs(t) > 1e-6):
-        c, sn = np.cos(th), np.sin(th)
-        mat = np.array([[c, -sn], [sn, c]]) / s  # output -> input (row, col)
-        ctr = np.array([(h - 1) / 2, (w - 1) / 2])
-        off = ctr - mat @ (ctr + t)
-        img = np.stack([ndi.affine_transform(img[:, :, k], mat, off, order=1, mode="constant", cval=0.0)
-                        for k in range(img.shape[2])], axis=2)
-        lab = ndi.affine_transform(lab, mat, off, order=0, mode="constant", cval=0)
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    g = np.exp(rng.uniform(-gain, gain))
-    cst = np.exp(rng.uniform(-contrast, contrast))
-    mean = img.mean()
-    img = np.clip((img - mean) * cst + mean, 0, 1) * g
-    img = np.clip(img, 0, 1) ** np.exp(rng.uniform(-gamma, gamma))
-    if speckle > 0:
-        sigma = rng.uniform(0, speckle)
-        noise = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 0.7)
-        noise = noise / (noise.std() + 1e-8)
-        img = img * (1.0 + sigma * noise)[:, :, None]
-    return np.clip(img, 0, 1).astype(np.float32), np.ascontiguousarray(lab)
 
 
 class PromptSegDataset(torch.utils.data.Dataset):
@@ -298,7 +252,8 @@ class PromptSegDataset(torch.utils.data.Dataset):
 
     ``N = max_instances`` (instances drawn at random without replacement when there are more),
     ``P = n_pos + n_neg`` (at least 1).  Randomness is seeded by ``(seed, epoch, index)``; call
-    :meth:`set_epoch` each epoch.  Augmentation only when ``augment=True``.
+    :meth:`set_epoch` each epoch.  ``augment=True`` wraps ``source`` in the training augmentation
+    (:class:`uniultra.data.augment.AugmentedSource` with ``aug_options``, salted by the epoch).
     ``source``: a :class:`UniformDataset` or any object with ``__len__`` and ``load(i) -> (image, label_map)``.
     """
 
@@ -313,9 +268,15 @@ class PromptSegDataset(torch.utils.data.Dataset):
         self.min_area_frac = float(min_area_frac)
         self.seed, self.epoch = int(seed), 0
         self.aug_options = aug_options or {}
+        if self.augment:
+            from uniultra.data.augment import AugmentedSource
+
+            self.source = AugmentedSource(source, self.seed, size=self.size, **self.aug_options)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self.augment:
+            self.source.salt = self.epoch
 
     def __len__(self) -> int:
         return len(self.source)
@@ -326,8 +287,6 @@ class PromptSegDataset(torch.utils.data.Dataset):
 
         image, lab = self.source.load(i)
         img = scale_intensity(image)
-        if self.augment:
-            img, lab = augment_pair(img, np.asarray(lab), rng, **self.aug_options)
         h, w = lab.shape
         inst = mask_instances(lab, self.min_area_frac)
         if len(inst) > self.max_instances:
@@ -359,181 +318,6 @@ class PromptSegDataset(torch.utils.data.Dataset):
                 "point_labels": pl, "valid": valid, "index": int(i)}
 
 
-# ---------------------------------------------------------------------------------------------
-# COCO instance JSON
-def _rle_encode(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mu
-
-    r = mu.encode(np.asfortranarray((np.asarray(mask) != 0).astype(np.uint8)))
-    r["counts"] = r["counts"].decode("ascii")
-    return r
-
-
-def mask_to_polygons(mask: np.ndarray, min_points: int = 3) -> list[list[float]]:
-    """Outer contours of a binary mask as COCO polygons ``[x0, y0, x1, y1, ...]`` (pixel-centre
-    coordinates; lossy: use RLE for exact masks)."""
-    import contourpy
-
-    m = np.pad((np.asarray(mask) != 0).astype(np.float64), 1)
-    gen = contourpy.contour_generator(z=m, line_type=contourpy.LineType.Separate)
-    polys = []
-    for line in gen.lines(0.5):
-        if len(line) < min_points:
-            continue
-        xy = line - 1.0  # undo the padding
-        polys.append([float(v) for v in xy.reshape(-1)])
-    return polys
-
-
-def write_coco(path, items, categories: dict[int, str] | None = None, polygons: bool = False,
-               min_area_frac: float = 0.0, info: dict | None = None) -> Path:
-    """Write COCO instance JSON (UltraSam's format: one annotation per connected component per
-    label value, RLE masks unless ``polygons=True``), atomically.
-
-    ``items``: iterable of ``(file_name, label_map)`` pairs, or a :class:`UniformDataset` (file names
-    relative to its root).  ``categories``: label value -> name (default: every value found, named
-    by the dataset's meta.json when available)."""
-    images, anns, found = [], [], {}
-    meta_labels = {}
-    if isinstance(items, UniformDataset):
-        ds = items
-        meta_labels = {int(k): v for k, v in ds.meta.get("labels", {}).items()}
-        items = ((str(r.image.relative_to(ds.root)), ds.load(k)[1]) for k, r in enumerate(ds.records))
-    for file_name, lab in items:
-        lab = np.asarray(lab)
-        iid = len(images) + 1
-        images.append({"id": iid, "file_name": str(file_name), "height": int(lab.shape[0]), "width": int(lab.shape[1])})
-        for t in mask_instances(lab, min_area_frac):
-            found.setdefault(t.label, meta_labels.get(t.label, f"label_{t.label}"))
-            x0, y0, x1, y1 = t.box
-            seg = mask_to_polygons(t.mask) if polygons else _rle_encode(t.mask)
-            if polygons and not seg:
-                seg = [[x0, y0, x1, y0, x1, y1, x0, y1]]
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(t.label), "segmentation": seg,
-                         "area": float(t.area), "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
-                         "iscrowd": 0})
-    cats = categories if categories is not None else found
-    doc = {"info": info or {"description": "written by uniultra"}, "images": images, "annotations": anns,
-           "categories": [{"id": int(k), "name": str(v)} for k, v in sorted(cats.items())]}
-    data = json.dumps(doc).encode()
-
-    def _w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    return atomic_write(path, _w)
-
-
-def read_coco(path) -> dict[str, dict]:
-    """Read COCO instance JSON -> ``{file_name: {"height", "width", "instances": [Instance...]}}``.
-    Segmentations may be polygons, uncompressed RLE or compressed RLE; instance boxes are the tight
-    boxes of the decoded masks."""
-    from pycocotools import mask as mu
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"cannot read COCO file '{p}': file not found; check the path")
-    try:
-        doc = json.loads(p.read_text())
-        imgs = {im["id"]: im for im in doc["images"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"cannot read COCO file '{p}': {e}; is it COCO instance JSON?") from e
-    out = {im["file_name"]: {"height": im["height"], "width": im["width"], "instances": []} for im in imgs.values()}
-    for a in doc.get("annotations", []):
-        im = imgs[a["image_id"]]
-        h, w = int(im["height"]), int(im["width"])
-        seg = a["segmentation"]
-        if isinstance(seg, list):
-            rles = mu.frPyObjects(seg, h, w)
-            rle = mu.merge(rles) if len(rles) else mu.encode(np.zeros((h, w), np.uint8, order="F"))
-        elif isinstance(seg.get("counts"), list):
-            rle = mu.frPyObjects(seg, h, w)
-        else:
-            rle = dict(seg)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools vs numpy 2 copy keyword
-            m = mu.decode(rle).astype(bool)
-        box = P.mask_box(m)
-        if box is None:
-            continue
-        out[im["file_name"]]["instances"].append(Instance(m, int(a.get("category_id", 1)), box, int(m.sum())))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Volume pairs
-def _label_volume_on_image(image_path, label_path):
-    """Read an image volume and a label volume resampled onto the image grid (nearest).  A Slicer
-    ``.seg.nrrd`` with several layers (vector pixels) is flattened: later layers overwrite."""
-    import SimpleITK as sitk
-
-    try:
-        img = sitk.ReadImage(str(image_path))
-        lab = sitk.ReadImage(str(label_path))
-    except Exception as e:
-        raise InputError(f"cannot read volume pair '{image_path}' / '{label_path}': {e}; check both files") from e
-    if lab.GetNumberOfComponentsPerPixel() > 1:
-        layers = [sitk.VectorIndexSelectionCast(lab, k) for k in range(lab.GetNumberOfComponentsPerPixel())]
-        arr = np.zeros(sitk.GetArrayViewFromImage(layers[0]).shape, np.int32)
-        for k, layer in enumerate(layers):
-            a = sitk.GetArrayFromImage(layer).astype(np.int32)
-            arr = np.where(a != 0, a + 256 * k, arr)  # distinct values per layer
-        flat = sitk.GetImageFromArray(arr)
-        flat.CopyInformation(layers[0])
-        lab = flat
-    if img.GetNumberOfComponentsPerPixel() == 1:
-        ref = img
-    else:
-        ref = sitk.VectorIndexSelectionCast(img, 0)
-    same = (lab.GetSize() == ref.GetSize() and np.allclose(lab.GetSpacing(), ref.GetSpacing())
-            and np.allclose(lab.GetOrigin(), ref.GetOrigin()) and np.allclose(lab.GetDirection(), ref.GetDirection()))
-    if not same:
-        lab = sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, lab.GetPixelID())
-    return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab), img.GetSpacing()
-
-
-def volume_pair_slices(image_path, label_path, axis: int = 0, skip_empty: bool = True):
-    """Slice an image volume and its label volume (NRRD, NIfTI, MHA, Slicer ``.seg.nrrd``; the label
-    is resampled onto the image grid when their geometry differs) into 2D pairs along numpy
-    ``axis`` of SimpleITK's ``[k, j, i]`` array (0 = k).  Returns a list of
-    ``(slice_index, image2d, label2d)``; empty label slices are skipped when ``skip_empty``."""
-    img, lab, _ = _label_volume_on_image(image_path, label_path)
-    if img.ndim < 3 or lab.ndim != 3:
-        raise InputError(f"'{image_path}' / '{label_path}' are not 3D volumes; pass 3D image and label volumes")
-    if not -3 <= axis < 3:
-        raise InputError(f"slice axis {axis} is invalid; use 0, 1 or 2")
-    out = []
-    for k in range(lab.shape[axis]):
-        ls = np.take(lab, k, axis=axis)
-        if skip_empty and not ls.any():
-            continue
-        out.append((k, np.ascontiguousarray(np.take(img, k, axis=axis)), np.ascontiguousarray(ls)))
-    return out
-
-
-class VolumePairDataset:
-    """A :class:`PromptSegDataset` source made of volume pairs sliced into 2D frames."""
-
-    def __init__(self, pairs: Sequence[tuple], axis: int = 0, skip_empty: bool = True):
-        self.items = []
-        for image_path, label_path in pairs:
-            for k, im, lb in volume_pair_slices(image_path, label_path, axis, skip_empty):
-                self.items.append((f"{Path(image_path).name}:{k}", im, lb))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def load(self, i: int):
-        return self.items[i][1], self.items[i][2]
-
-
 def stable_seed(*parts) -> int:
     """A process-independent integer from strings/ints (for per-item seeding)."""
     return zlib.crc32("\x1f".join(str(p) for p in parts).encode())
-
-
-def read_volume(path):
-    """Read a volume with SimpleITK -> (array ``[k, j, i(, c)]``, info)."""
-    return read_itk(path)
