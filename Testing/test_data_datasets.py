@@ -22,7 +22,8 @@ def test_uniform_dataset_real(dataset_root):
     assert len(ds) == 129
     img, lab = ds.load(0)
     assert img.shape == lab.shape and set(np.unique(lab)) <= {0, 255}
-    assert sum(len(ds.instances(i)) for i in range(len(ds))) == 133  # multi-lesion images
+    # multi-lesion images; malignant_019 also has a 6-px sliver beside its 22,262-px lesion: no prompt
+    assert sum(len(ds.instances(i)) for i in range(len(ds))) == 132
     all_ = UniformDataset(dataset_root("busi"), None)
     assert len(all_) == 453 + 65 + 129
     car = UniformDataset(dataset_root("carotid"), "test")
@@ -50,6 +51,20 @@ def test_mask_instances_labels_and_min_area():
     assert {t.box for t in inst if t.label == 255} == {(10, 10, 29, 29), (50, 50, 59, 59)}
     assert len(mask_instances(lab, SAM_UNET_MIN_AREA)) == 3
     assert len(mask_instances(lab, connectivity=4)) == 5
+
+
+def test_specks_of_a_label_get_no_prompt():
+    """Resizing a multi-label mask leaves slivers of one label between two others (CAMUS: ~90 per
+    image): a component under 1% of its label's largest and under 0.1% of the image is dropped;
+    an isolated small object (the largest of its label) and anything above either bound stay."""
+    lab = np.zeros((200, 200), np.uint8)
+    lab[10:60, 10:60] = 2        # 2,500 px structure
+    lab[100, 100:102] = 2        # 2 px sliver of the same label: dropped
+    lab[150:155, 150:155] = 2    # 25 px = 1% of the largest: kept
+    lab[190, 190] = 3            # 1 px, but the only object of label 3: kept
+    got = sorted((t.label, t.area) for t in mask_instances(lab))
+    assert got == [(2, 25), (2, 2500), (3, 1)]
+    assert len(mask_instances(lab, drop_specks=False)) == 4
 
 
 class _Src:
