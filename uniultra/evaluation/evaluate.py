@@ -121,6 +121,23 @@ def _datasets(root, split: str, clips: bool, **kw) -> list[UniformDataset]:
     return found
 
 
+def prompted_cases(ds: UniformDataset, prompt: str = "box", jitter: float = 0.1, seed: int = 0, n_pos: int = 1,
+                   n_neg: int = 0, min_area_frac: float = 0.0):
+    """The images of ``ds`` with their simulated prompts, seeded per ``(seed, dataset, image id)``:
+    the one place where prompts are drawn for scoring, used by :func:`evaluate_dataset` and by the
+    trainer's validation (:func:`uniultra.training.data.val_set`), so validation Dice and
+    ``uniultra evaluate`` Dice on the same split are the same numbers.
+
+    Yields ``(index, record, image, label map, instances, prompts)``; prompts are one per instance."""
+    for i in range(len(ds)):
+        rec = ds.records[i]
+        image, lab = ds.load(i)
+        inst = mask_instances(lab, min_area_frac)
+        rng = np.random.default_rng([seed, stable_seed(ds.name, rec.id)])
+        prs = P.simulate_prompts([t.mask for t in inst], rng, prompt, jitter, 0, n_pos, n_neg, point_mode="centroid")
+        yield i, rec, image, lab, inst, prs
+
+
 def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: float = 0.1, prompt: str = "box",
                      seed: int = 0, out_dir=None, progress=True, cancel: Callable[[], bool] | None = None,
                      n_pos: int = 1, n_neg: int = 0, min_area_frac: float = 0.0, limit: int | None = None,
@@ -142,17 +159,10 @@ def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: fl
         n = len(ds)
         rows, gt_inst, pred_inst, cases = [], {}, {}, []
         t0 = time.perf_counter()
-        for i in range(n):
+        for i, rec, image, lab, inst, prs in prompted_cases(ds, prompt, jitter, seed, n_pos, n_neg, min_area_frac):
             _check_cancel(cancel)
-            rec = ds.records[i]
-            image, lab = ds.load(i)
             hw = lab.shape
-            inst = mask_instances(lab, min_area_frac)
             gt = lab != 0
-            rng = np.random.default_rng([seed, stable_seed(ds.name, rec.id)])
-            kind = prompt
-            prs = P.simulate_prompts([t.mask for t in inst], rng, kind, jitter, 0, n_pos, n_neg,
-                                     point_mode="centroid")
             masks, scores = [], []
             if inst:
                 if prompt == "box":

@@ -14,8 +14,8 @@
 * :class:`~uniultra.data.augment.AugmentedSource` -- the one augmentation (PIL affine + intensity
   look-up table, ~1 ms per image) applied in ``load``, seeded like the samples: by
   ``(seed, salt, index)``.
-* :func:`val_set` -- validation images with their prompts simulated exactly as
-  :func:`uniultra.evaluation.evaluate_dataset` does (seed per ``(seed, dataset, image id)``).
+* :func:`val_set` -- validation images with the prompts :func:`uniultra.evaluation.evaluate_dataset`
+  draws (one generator, ``evaluate.prompted_cases``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from uniultra.data import prompts as P
 from uniultra.data.augment import AugmentedSource  # noqa: F401  (re-exported)
-from uniultra.data.datasets import PromptSegDataset, UniformDataset, mask_instances, stable_seed
+from uniultra.data.datasets import PromptSegDataset, UniformDataset
 
 SALT_STRIDE = 1 << 16
 
@@ -123,16 +122,14 @@ class ValImage:
 
 def val_set(roots, split: str = "val", jitter: float = 0.1, seed: int = 0, limit: int | None = None,
             min_area_frac: float = 0.0) -> list[ValImage]:
-    """Images of ``split`` with box prompts seeded like ``evaluate_dataset`` (box prompts); with
-    ``limit``, at most that many per dataset, evenly spread over the split."""
+    """Images of ``split`` with the box prompts ``uniultra evaluate`` draws for them (the same
+    generator, :func:`uniultra.evaluation.evaluate.prompted_cases`); with ``limit``, at most that
+    many per dataset, evenly spread over the split (as ``evaluate --limit``)."""
+    from uniultra.evaluation.evaluate import prompted_cases
+
     out = []
     for root in roots:
         ds = UniformDataset(root, split, min_area_frac=min_area_frac, max_images=limit)
-        for i in range(len(ds)):
-            rec = ds.records[i]
-            image, lab = ds.load(i)
-            inst = mask_instances(lab, min_area_frac)
-            rng = np.random.default_rng([seed, stable_seed(ds.name, rec.id)])
-            prs = P.simulate_prompts([t.mask for t in inst], rng, "box", jitter, 0, 1, 0, point_mode="centroid")
+        for _, rec, image, lab, _, prs in prompted_cases(ds, "box", jitter, seed, 1, 0, min_area_frac):
             out.append(ValImage(ds.name, rec.id, image, lab != 0, [p.box for p in prs]))
     return out

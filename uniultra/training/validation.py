@@ -1,9 +1,13 @@
 """Validation during training: mean Dice per dataset with seeded, jittered box prompts.
 
-The prompts of :func:`uniultra.training.data.val_set` are simulated exactly as
-:func:`uniultra.evaluation.evaluate_dataset` simulates them, so validation Dice and
-``uniultra evaluate`` Dice on the same split agree.  Under DDP each rank scores every
-world-th image and the sums are all-reduced.
+The images and prompts come from the generator ``uniultra evaluate`` uses
+(:func:`uniultra.evaluation.evaluate.prompted_cases`, through
+:func:`uniultra.training.data.val_set`), and each image is scored by the same
+:func:`uniultra.evaluation.metrics.dice` of the union of its masks, so validation Dice equals
+``uniultra evaluate --prompt box`` Dice on the same split, seed and jitter
+(``Testing/test_training.py`` checks it).  What differs is only how masks are predicted: here
+in batches of images on the training device (and under DDP each rank scores every world-th image
+and the sums are all-reduced), there one image at a time through the Predictor.
 """
 
 from __future__ import annotations
