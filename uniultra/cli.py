@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tta_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
+    # `uniultra web`: its arguments are UniUltraWeb's own (main() hands them over unparsed)
+    sub.add_parser("web", add_help=False, help="UniUltra in a browser: `uniultra web [FILE_OR_FOLDER] --help`")
+
     from uniultra.batch import add_batch_parser  # `uniultra batch`: many clips, resumable, shardable
 
     add_batch_parser(sub)
@@ -506,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["web"]:  # UniUltra Web parses its own options (UniUltraWeb/uniultra_web/__main__.py)
+        from uniultra import webcmd
+
+        return run_command(lambda _args: webcmd.run(argv[1:]), None)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
