@@ -341,6 +341,7 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         self.loadDicomButton.connect("clicked()", self.onLoadDicom)
         self.exportPngButton.connect("clicked()", lambda: self.onExport("png"))
         self.exportSegButton.connect("clicked()", lambda: self.onExport("seg"))
+        self._setupBatchPanel(form)
 
     def onLoadDicom(self):
         from UniUltraSegmentLib.sequences import load_dicom_cine
@@ -381,6 +382,256 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
             else:
                 paths = export_frame_masks_seg_nrrd(cine, seg, folder)
             slicer.util.showStatusMessage(f"Exported {len(paths)} frames to {folder}", 5000)
+
+
+    # ------------------------------------------------------------------ many clips: `uniultra batch`
+    # A thin adaptor over UniUltraSegmentLib/batch.py (manifest from the scene, BatchRun, load_result).
+    # The batch runs in its own process; the timer only reads its events and log files (BatchRun.poll
+    # never blocks and starts no thread, so PythonQt's GIL on the main thread is no obstacle).
+
+    def _setupBatchPanel(self, form):
+        import ctk
+
+        group = qt.QGroupBox("Label many clips in the background (uniultra batch)")
+        bform = qt.QFormLayout(group)
+        form.addRow(group)
+        hint = qt.QLabel(
+            "Label a key frame of each cine (UniUltra effect or any effect; each segment is a structure, each "
+            "piece a box), then write the manifest from the scene, or choose a manifest file (CSV / JSON Lines, "
+            "see the README). Running again resumes: finished clips are skipped."
+        )
+        hint.wordWrap = True
+        bform.addRow(hint)
+        self.batchOutput = ctk.ctkPathLineEdit()
+        self.batchOutput.filters = ctk.ctkPathLineEdit.Dirs
+        self.batchOutput.toolTip = "One folder per clip is written here (as one unit), plus summary.csv"
+        bform.addRow("Output folder:", self.batchOutput)
+        self.batchFromSceneButton = qt.QPushButton("Write manifest from the scene's cines")
+        bform.addRow(self.batchFromSceneButton)
+        self.batchManifest = ctk.ctkPathLineEdit()
+        self.batchManifest.filters = ctk.ctkPathLineEdit.Files
+        self.batchManifest.nameFilters = ["Manifests (*.csv *.jsonl *.ndjson *.json)"]
+        bform.addRow("Manifest:", self.batchManifest)
+        self.batchPrompts = ctk.ctkPathLineEdit()
+        self.batchPrompts.filters = ctk.ctkPathLineEdit.Files
+        self.batchPrompts.nameFilters = ["Prompts (*.csv)"]
+        self.batchPrompts.toolTip = "Only when the manifest is a folder of clips: the prompts CSV for them"
+        bform.addRow("Prompts (folder of clips):", self.batchPrompts)
+        options = qt.QHBoxLayout()
+        self.batchSaveFrames = qt.QCheckBox("Save frames")
+        self.batchSaveFrames.checked = True
+        self.batchSaveFrames.toolTip = "Keep each clip's frames next to its labels, so it can be reviewed later"
+        self.batchPng = qt.QCheckBox("PNG masks")
+        self.batchRedo = qt.QCheckBox("Redo finished clips")
+        for w in (self.batchSaveFrames, self.batchPng, self.batchRedo):
+            options.addWidget(w)
+        bform.addRow(options)
+        buttons = qt.QHBoxLayout()
+        self.batchRunButton = qt.QPushButton("Run")
+        self.batchCancelButton = qt.QPushButton("Cancel")
+        self.batchCancelButton.enabled = False
+        buttons.addWidget(self.batchRunButton)
+        buttons.addWidget(self.batchCancelButton)
+        bform.addRow(buttons)
+        self.batchProgress = qt.QProgressBar()
+        self.batchProgress.setRange(0, 1000)
+        self.batchProgress.value = 0
+        bform.addRow(self.batchProgress)
+        self.batchStatus = qt.QLabel("")
+        self.batchStatus.wordWrap = True
+        bform.addRow(self.batchStatus)
+        self.batchTable = qt.QTableWidget(0, 4)
+        self.batchTable.setHorizontalHeaderLabels(["Clip", "Status", "Frames", "Warnings / error"])
+        self.batchTable.horizontalHeader().setStretchLastSection(True)
+        self.batchTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.batchTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        bform.addRow(self.batchTable)
+        resultButtons = qt.QHBoxLayout()
+        self.batchLoadButton = qt.QPushButton("Load selected for review")
+        self.batchLoadButton.toolTip = ("Adds the clip's labels as a segmentation sequence in its cine's browser: "
+                                        "scrub to review, correct in the Segment Editor (saved per frame)")
+        self.batchRefreshButton = qt.QPushButton("Refresh")
+        resultButtons.addWidget(self.batchLoadButton)
+        resultButtons.addWidget(self.batchRefreshButton)
+        bform.addRow(resultButtons)
+        self.batchLog = qt.QPlainTextEdit()
+        self.batchLog.readOnly = True
+        self.batchLog.setMaximumBlockCount(2000)
+        self.batchLog.setMaximumHeight(100)
+        bform.addRow(self.batchLog)
+        self.batchRun = None  # UniUltraSegmentLib.batch.BatchRun being followed
+        self.batchRows = []
+        self._batchLinesShown = 0
+        self.batchTimer = qt.QTimer()
+        self.batchTimer.setInterval(300)
+        self.batchTimer.connect("timeout()", self.onBatchPoll)
+        self.batchFromSceneButton.connect("clicked()", self.onBatchFromScene)
+        self.batchRunButton.connect("clicked()", self.onBatchRun)
+        self.batchCancelButton.connect("clicked()", self.onBatchCancel)
+        self.batchLoadButton.connect("clicked()", self.onBatchLoad)
+        self.batchRefreshButton.connect("clicked()", self.refreshBatchResults)
+        self.batchManifest.connect("currentPathChanged(QString)", lambda _path: self.refreshBatchResults())
+        self.batchOutput.connect("currentPathChanged(QString)", lambda _path: self.refreshBatchResults())
+
+    def cleanup(self):
+        if hasattr(self, "batchTimer"):
+            self.batchTimer.stop()
+        run = getattr(self, "batchRun", None)
+        if run is not None and run.running:
+            logging.info("UniUltraSegment: the batch keeps running in the background; run it again to follow or resume it")
+
+    def batchSettings(self):
+        from UniUltraSegmentLib.batch import BatchSettings
+        from UniUltraSegmentLib.engine import DEFAULT_MODEL
+
+        model = str(self.settings.value(SETTINGS_MODEL, DEFAULT_MODEL) or DEFAULT_MODEL)  # the effect's model
+        return BatchSettings(manifest=self.batchManifest.currentPath, out_dir=self.batchOutput.currentPath,
+                             prompts=self.batchPrompts.currentPath or None, model=model,
+                             device=self.deviceCombo.currentText, png=self.batchPng.checked,
+                             save_frames=self.batchSaveFrames.checked, redo=self.batchRedo.checked)
+
+    def onBatchFromScene(self):
+        from UniUltraSegmentLib.batch import write_scene_manifest
+
+        out = self.batchOutput.currentPath
+        if not out:
+            slicer.util.errorDisplay("Choose the output folder first: the manifest and the frames go there.")
+            return
+        try:
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            try:
+                m = write_scene_manifest(self.logic.context(), out)
+            finally:
+                qt.QApplication.restoreOverrideCursor()
+        except (ValueError, OSError) as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.batchManifest.currentPath = str(m.path)
+        self.batchPrompts.currentPath = ""
+        prompts = sum(len(c.prompts) for c in m.clips)
+        text = f"Manifest: {len(m.clips)} cines, {prompts} key-frame boxes."
+        if m.skipped:
+            text += " Skipped: " + "; ".join(f"'{name}' ({why})" for name, why in m.skipped)
+        self.batchStatus.text = text
+        self.refreshBatchResults()
+
+    def onBatchRun(self):
+        from UniUltraSegmentLib.batch import BatchRun, progress_of
+
+        if self.batchRun is not None and self.batchRun.running:
+            return
+        try:
+            run = BatchRun(self.batchSettings())  # the manifest is read and checked here, nothing starts yet
+        except ValueError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        if not self.logic.ensureDependencies():
+            return
+        before = progress_of(run.jobs, run.settings.out_dir)
+        try:
+            run.start()
+        except OSError as exc:
+            slicer.util.errorDisplay(f"Could not start the batch: {exc}")
+            return
+        self.batchRun = run
+        self._batchLinesShown = 0
+        self.batchLog.appendPlainText(f"$ {' '.join(run.cmd)}")
+        resumed = before["done"] and not run.settings.redo
+        self.batchStatus.text = (f"Resuming: {before['done']} of {before['clips']} clips are done already."
+                                 if resumed else f"Starting: {before['clips']} clips.")
+        self.batchProgress.value = 0
+        self._setBatchRunning(True)
+        self.batchTimer.start()
+
+    def onBatchCancel(self):
+        if self.batchRun is not None and self.batchRun.running:
+            self.batchRun.cancel()
+            self.batchStatus.text = "Stopping: the clip in progress is dropped, finished clips are kept."
+
+    def _setBatchRunning(self, running):
+        for w in (self.batchRunButton, self.batchFromSceneButton, self.batchManifest, self.batchPrompts,
+                  self.batchOutput, self.batchSaveFrames, self.batchPng, self.batchRedo):
+            w.enabled = not running
+        self.batchCancelButton.enabled = running
+
+    def onBatchPoll(self):
+        run = self.batchRun
+        if run is None:
+            self.batchTimer.stop()
+            return
+        new = run.poll()
+        for line in run.lines[self._batchLinesShown:]:
+            self.batchLog.appendPlainText(line)
+        self._batchLinesShown = len(run.lines)
+        self.batchProgress.value = int(round(run.fraction * 1000))
+        self.batchStatus.text = run.status_text()
+        if any(e.get("event") in ("clip_done", "clip_failed") for e in new):
+            self.refreshBatchResults()
+        if run.running:
+            return
+        self.batchTimer.stop()
+        self._setBatchRunning(False)
+        self.batchStatus.text = run.status_text()
+        self.refreshBatchResults()
+        if run.status == "error":
+            slicer.util.errorDisplay("The batch stopped: " + run.error_message())
+        elif run.status in ("finished", "finished with failures") and any(r["status"] == "done" for r in self.batchRows):
+            self.batchStatus.text += " Select a clip and press 'Load selected for review'."
+
+    def refreshBatchResults(self):
+        from UniUltraSegmentLib.batch import read_results
+
+        out = self.batchOutput.currentPath
+        jobs = None
+        if self.batchManifest.currentPath:
+            try:
+                jobs = self.batchSettings().check()
+            except ValueError as exc:
+                self.batchStatus.text = str(exc)
+        self.batchRows = read_results(out, jobs) if out else []
+        self.batchTable.setRowCount(len(self.batchRows))
+        for r, row in enumerate(self.batchRows):
+            note = row["error"] or "; ".join(row["warnings"])
+            cells = (row["name"], row["status"], "" if row["frames"] is None else str(row["frames"]), note)
+            for c, text in enumerate(cells):
+                self.batchTable.setItem(r, c, qt.QTableWidgetItem(text))
+        done = sum(r["status"] == "done" for r in self.batchRows)
+        if jobs and 0 < done < len(jobs):
+            self.batchRunButton.text = f"Resume ({done} of {len(jobs)} done)"
+        else:
+            self.batchRunButton.text = "Run"
+        self.batchLoadButton.enabled = done > 0
+
+    def onBatchLoad(self):
+        from UniUltraSegmentLib.batch import flagged_frames, load_result
+
+        row = self.batchTable.currentRow()
+        if not 0 <= row < len(self.batchRows) or self.batchRows[row]["status"] != "done":
+            slicer.util.infoDisplay("Select a labelled clip (status 'done') in the table first.")
+            return
+        folder = self.batchRows[row]["folder"]
+        try:
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            try:
+                res = load_result(self.logic.context(), folder)
+            finally:
+                qt.QApplication.restoreOverrideCursor()
+        except (ValueError, OSError) as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        slicer.util.setSliceViewerLayers(background=res.cine.proxy, fit=True)
+        slicer.modules.sequences.toolBar().setActiveBrowserNode(res.cine.browser)
+        # the Segment Editor module's own parameter node (Modules/Scripted/SegmentEditor/SegmentEditor.py)
+        editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        if editorNode is not None:
+            editorNode.SetAndObserveSourceVolumeNode(res.cine.proxy)
+            editorNode.SetAndObserveSegmentationNode(res.segmentation)
+        flags = flagged_frames(folder)
+        check = "; ".join(f"{s}: frames {', '.join(map(str, fr[:12]))}{' ...' if len(fr) > 12 else ''}"
+                          for s, fr in flags.items())
+        self.batchStatus.text = (f"Loaded '{res.segmentation.GetName()}': scrub the cine to review; correct frames in "
+                                 "the Segment Editor (each frame is saved as you edit)."
+                                 + (f" Check first (flagged): {check}." if check else ""))
 
 
 class UniUltraSegmentLogic(ScriptedLoadableModuleLogic):
