@@ -4,6 +4,7 @@ new left behind in the working folder.  Tiny random models only (fast)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -46,13 +47,15 @@ def _png(path, h=48, w=64, seed=0):
 
 
 def _dataset(root, split_csv: str | bytes = "id,split\na,test\nb,test\n", masks=True):
+    """Two 64x48 images a, b; masks with a rectangle (``masks="empty"``: all zero; False: none)."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i, rid in enumerate(("a", "b")):
         _png(root / "images" / f"{rid}.png", seed=i)
         if masks:
             m = np.zeros((48, 64), np.uint8)
-            m[10:30, 15:45] = 1
+            if masks != "empty":
+                m[10:30, 15:45] = 1
             Image.fromarray(m).save(root / "masks" / f"{rid}.png")
     if isinstance(split_csv, bytes):
         (root / "split.csv").write_bytes(split_csv)
@@ -75,6 +78,8 @@ def work(tmp_path, ckpt, bad_ckpts):
     _dataset(w / "latin", b"id,split\n" + "é,test\n".encode("latin-1"))
     _dataset(w / "header", "name,split\na,test\n")
     _dataset(w / "frame", "id,split,clip,frame\na,test,c1,zero\nb,test,c1,1\n")
+    _dataset(w / "empty", "id,split\na,train\nb,train\n", masks="empty")
+    _dataset(w / "tr", "id,split\na,train\nb,val\n")
     (w / "dec.onnx").mkdir()  # a folder where the decoder of --out enc.onnx would go: enc.decoder.onnx
     (w / "enc.decoder.onnx").mkdir()
     return {"w": w, "ckpt": ckpt, "bad": bad_ckpts}
@@ -94,6 +99,8 @@ SEG = ["segment", "--image", "{w}/img.png", "--model", "{m}", "--device", "cpu"]
 SEG_BOX = SEG + ["--box", "5", "5", "30", "30"]
 PROP = ["propagate", "--frames", "{w}/frames.csv", "--prompts", "{w}/prompts_ok.csv", "--model", "{m}"]
 EVAL = ["evaluate", "--model", "{m}", "--device", "cpu"]
+TRAIN = ["train", "--data", "{w}/tr", "--out", "{w}/run", "--model", "uniultra-student-e8", "--image-size", "64"]
+DISTILL = ["distill", "--data", "{w}/tr", "--out", "{w}/run", "--teacher", "{m}", "--student", "uniultra-student-e8"]
 CASES = [
     # numbers: boxes and points
     ("box-nan", SEG + ["--box", "nan", "5", "30", "30", "--out", "{w}/m.png"], "--box"),
@@ -217,6 +224,28 @@ CASES = [
                     "-inf"], "--lr"),
     ("train-data-missing", ["train", "--data", "{w}/none", "--out", "{w}/run", "--model", "uniultra-student-e8"],
      "none"),
+    ("register-space", TRAIN + ["--register", "my model"], "--register"),
+    ("register-slash", TRAIN + ["--register", "../x"], "--register"),
+    ("register-shipped", TRAIN + ["--register", "uniultra-mini-us"], "shipped"),
+    ("num-workers-negative", TRAIN + ["--num-workers", "-1"], "--num-workers"),
+    ("gamma-nan", TRAIN + ["--gamma", "nan"], "--gamma"),
+    ("jitter-override-nan", TRAIN + ["jitter=nan"], "--jitter"),
+    ("weight-decay-negative", TRAIN + ["--weight-decay", "-1e-2"], "--weight-decay"),
+    ("grad-clip-inf", TRAIN + ["--grad-clip", "inf"], "--grad-clip"),
+    ("time-limit-negative", TRAIN + ["--time-limit", "-5"], "--time-limit"),
+    ("data-weights-nan", TRAIN + ["--data-weights", "nan"], "--data-weights"),
+    ("data-weights-zero", TRAIN + ["--data-weights", "0"], "--data-weights"),
+    ("warmup-negative", TRAIN + ["--warmup", "-3"], "--warmup"),
+    ("max-instances-zero", TRAIN + ["--max-instances", "0"], "--max-instances"),
+    ("train-empty-masks", ["train", "--data", "{w}/empty", "--out", "{w}/run", "--model", "uniultra-student-e8",
+                           "--image-size", "64", "--device", "cpu"], "empty"),
+    ("distill-lr-nan", DISTILL + ["--lr", "nan"], "--lr"),
+    ("distill-num-workers", DISTILL + ["--num-workers", "-2"], "--num-workers"),
+    ("distill-register", DISTILL + ["--register", "a b"], "--register"),
+    ("distill-finetune-lr", DISTILL + ["--finetune-lr", "-1"], "--finetune-lr"),
+    ("distill-empty-masks-finetune", ["distill", "--data", "{w}/empty", "--out", "{w}/run", "--teacher", "{m}",
+                                      "--student", "uniultra-student-e8", "--finetune-steps", "1",
+                                      "--device", "cpu"], "empty"),
     # batch (same number checks)
     ("batch-margin-nan", ["batch", "{w}/dir", "--out-dir", "{w}/bout", "--margin", "nan"], "--margin"),
     ("batch-anchor-neg", ["batch", "{w}/dir", "--out-dir", "{w}/bout", "--anchor", "-1e1"], "--anchor"),
@@ -336,3 +365,32 @@ def test_malformed_user_registry_entry_is_skipped(capsys, tmp_path, monkeypatch)
     assert code == 0 and "mine" in out.out and "bad.json" in out.err and "list.json" in out.err
     code = main(["info", "bad"])
     assert code == 2 and "unknown model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_resume_from_a_damaged_last_pt(capsys, work, monkeypatch, command, damage):
+    """A cut-short or foreign last.pt is one line naming it; the temporary file a killed run left
+    while writing a checkpoint is removed on resume; nothing else in the run folder changes."""
+    monkeypatch.setenv("UNIULTRA_HOME", str(work["w"].parent / "home"))
+    run = work["w"] / "run"
+    run.mkdir()
+    buf = io.BytesIO()
+    torch.save({"trainable": {"w": torch.zeros(1000)}, "optimizer": {}}, buf)
+    data = buf.getvalue()
+    (run / "last.pt").write_bytes(data[: len(data) // 2] if damage == "truncated" else data)
+    (run / ".last.pt.k1l2m3.tmp").write_bytes(data[:64])  # SIGKILL during atomic_torch_save
+    (run / "config.json").write_text("{}")
+    old_events = '{"event": "start", "step": 0}\n'
+    (run / "events.jsonl").write_text(old_events)
+    argv = (TRAIN if command == "train" else DISTILL + ["--image-size", "64"]) + ["--resume", "--device", "cpu"]
+    before = _snapshot(work["w"]) - {"run/.last.pt.k1l2m3.tmp"}
+    code = main(_expand(argv, work))
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith("uniultra: error: --resume: ") and "last.pt" in errors[0], err
+    assert ("damaged" if damage == "truncated" else "not a resume state") in errors[0]
+    assert _snapshot(work["w"]) == before
+    assert (run / "config.json").read_text() == "{}"
+    assert (run / "events.jsonl").read_text().startswith(old_events)  # the run's log only grows

@@ -24,8 +24,35 @@ SCOPES = ("encoder+decoder", "decoder")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+# configuration fields whose command-line option has another name
+_OPTION = {"time_limit_s": "time-limit", "warmup_steps": "warmup", "cache_dir": "cache-features",
+           "progress_bar": "progress", "final_full": "full", "final_half": "half"}
+
+
 def _bad(key: str, value, what: str) -> InputError:
-    return InputError(f"--{key.replace('_', '-')} {value}: {what}")
+    return InputError(f"--{_OPTION.get(key, key.replace('_', '-'))} {value}: {what}")
+
+
+def check_finite(cfg) -> None:
+    """Every number of ``cfg`` (lists of numbers included) is finite: NaN or infinity would only
+    fail inside torch, after the run folder was written."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise _bad(f.name, x, "give a finite number (not NaN or infinity)")
+
+
+def check_register_name(name: str) -> None:
+    """A name ``--register`` can use: a plain file name that no shipped registry model has
+    (checked before the run, not after it)."""
+    if not _NAME.fullmatch(name) or len(name) > 100:
+        raise _bad("register", name, "use letters, digits, '.', '_' or '-' (no spaces, at most 100 characters)")
+    from uniultra.registry import load_registry
+
+    entry = load_registry().get(name)
+    if entry is not None and entry.source != "user":
+        raise _bad("register", name, "is the name of a shipped registry model; choose another name")
 
 
 @dataclass(kw_only=True)
@@ -101,8 +128,23 @@ class RunConfig:
         for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)):
             if getattr(self, key) not in allowed:
                 raise _bad(key, getattr(self, key), f"use one of {', '.join(allowed)}")
-        if self.register is not None and not _NAME.fullmatch(self.register):
-            raise _bad("register", self.register, "use letters, digits, '.', '_' or '-' (no spaces)")
+        for key in ("num_workers", "warmup_steps", "val_every", "patience", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise _bad(key, getattr(self, key), "give 0 or more")
+        check_finite(self)
+        for key in ("weight_decay", "grad_clip", "val_jitter"):
+            if getattr(self, key) < 0:
+                raise _bad(key, getattr(self, key), "give 0 or more")
+        if not self.gamma > 0:
+            raise _bad("gamma", self.gamma, "give a positive decay factor (e.g. 0.98)")
+        if not self.poly_power > 0:
+            raise _bad("poly_power", self.poly_power, "give a positive power (e.g. 0.9)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise _bad("min_lr_ratio", self.min_lr_ratio, "give a fraction of --lr between 0 and 1")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise _bad("time_limit_s", self.time_limit_s, "give a positive number of seconds")
+        if self.register is not None:
+            check_register_name(self.register)
         if self.embed_cache and self.augment:
             raise InputError("--embed-cache needs --no-augment: cached embeddings belong to fixed images")
 
@@ -141,6 +183,16 @@ class TrainConfig(RunConfig):
         super().__post_init__()
         if self.peft in ("", "none", "keep"):
             self.peft = None
+        for key in ("jitter", "shift_px", "n_pos", "n_neg"):
+            if getattr(self, key) < 0:
+                raise _bad(key, getattr(self, key), "give 0 or more")
+        if self.max_instances < 1:
+            raise _bad("max_instances", self.max_instances, "give at least 1")
+        if not 0 <= self.min_area_frac < 1:
+            raise _bad("min_area_frac", self.min_area_frac, "give a fraction of the image between 0 and 1")
+        if self.data_weights is not None and (any(w < 0 for w in self.data_weights) or not sum(self.data_weights) > 0):
+            raise _bad("data_weights", " ".join(f"{w:g}" for w in self.data_weights),
+                       "give weights of 0 or more, at least one positive")
         if self.prompt not in PROMPTS:
             raise _bad("prompt", self.prompt, f"use one of {', '.join(PROMPTS)}")
         if self.scope not in SCOPES:
@@ -183,6 +235,11 @@ class DistillConfig(RunConfig):
             raise InputError("--cache-features needs --no-augment (cached teacher features are per fixed image)")
         if self.finetune_steps < 0:
             raise _bad("finetune_steps", self.finetune_steps, "give 0 or more")
+        if not self.finetune_lr > 0:
+            raise _bad("finetune_lr", self.finetune_lr, "the learning rate must be positive (e.g. 1e-4)")
+        for key in ("level_weight", "fpn_weight"):
+            if getattr(self, key) < 0:
+                raise _bad(key, getattr(self, key), "give 0 or more")
 
 
 @dataclass

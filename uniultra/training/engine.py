@@ -301,7 +301,7 @@ class CheckpointSaver:
         if not self.last.is_file():
             trainer.events.emit("note", message=f"--resume: no {self.last} yet, starting a new run")
             return False
-        ck = torch.load(self.last, map_location="cpu", weights_only=False)
+        ck = self._read_last()
         saved, now = ck.get("config", {}), cfg.settings()
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
@@ -324,6 +324,38 @@ class CheckpointSaver:
         trainer.state.update(ck["state"])
         set_rng_state(ck["rng"])
         return True
+
+    def _read_last(self) -> dict:
+        """``last.pt`` as a dict, or one line saying it is damaged (a copy cut short, a full disk)."""
+        import pickle
+        import zipfile
+
+        try:
+            ck = torch.load(self.last, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+                AttributeError, ImportError, IndexError, KeyError) as e:
+            raise InputError(f"--resume: {self.last} is damaged and cannot be read ({type(e).__name__}); "
+                             "restore it from a copy, or start afresh with --overwrite") from None
+        keys = ("trainable", "optimizer", "scheduler", "state", "rng")
+        if not isinstance(ck, dict) or any(k not in ck for k in keys):
+            raise InputError(f"--resume: {self.last} is not a resume state of uniultra train/distill; "
+                             "start afresh with --overwrite or choose another --out")
+        return ck
+
+    def clean_stale(self) -> list[str]:
+        """Remove the temporary files a killed run left while writing (``.last.pt.XXXX.tmp``...):
+        every file here is written to such a name and renamed, so a leftover one is never needed."""
+        removed = []
+        if self.rank != 0 or not self.out.is_dir():
+            return removed
+        for tmp in self.out.glob(".*.tmp"):
+            if tmp.is_file():
+                try:
+                    tmp.unlink()
+                    removed.append(tmp.name)
+                except OSError:
+                    pass
+        return removed
 
     def save_model(self, trainer: Trainer, path: Path, val: dict | None = None, full: bool = False,
                    half: bool | None = None, kind: str = "model") -> None:
@@ -410,12 +442,17 @@ class Trainer:
         self.out = Path(cfg.out).expanduser()
         self.saver = CheckpointSaver(self.out, self.rank)
         created = self.rank == 0 and not self.out.exists()
+        stale = []
         if self.rank == 0:
             self.saver.check_new_run(cfg)
+            stale = self.saver.clean_stale()
             self.out.mkdir(parents=True, exist_ok=True)
         paths = [self.out / "events.jsonl", cfg.events] if self.rank == 0 else []
         self.events = EventLog(paths, say=self.log, enabled=self.rank == 0)
         self.saver.events = self.events
+        if stale:
+            self.events.emit("note", message=f"removed {len(stale)} half-written file(s) of an interrupted run: "
+                                             f"{', '.join(sorted(stale))}")
         try:
             self.task.setup(self)
             self._build_loop()
@@ -429,7 +466,10 @@ class Trainer:
             status = self._loop()
             return self._finish(status, resumed)
         except Exception as e:
-            self.events.emit("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            # a refusal (InputError) is printed once by the caller (`uniultra: error: ...`); the
+            # event still goes to events.jsonl for those who follow the run
+            self.events.emit("failed", quiet=isinstance(e, InputError),
+                             error=str(e).splitlines()[0] if str(e) else type(e).__name__)
             if created and {p.name for p in self.out.iterdir()} <= {"events.jsonl"}:
                 import shutil  # refused before any work (bad data, options): leave no new run folder
 

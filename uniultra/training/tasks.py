@@ -24,8 +24,20 @@ from uniultra.errors import InputError
 from uniultra.training.engine import Task, Trainer, expand_data_dirs, seed_all
 
 
-def _train_data(cfg, roots, S: int, mask_div: int, prompt_kw: dict):
-    """(splits, per-dataset PromptSegDatasets) of the train split, cached in RAM, augmented."""
+def _has_object(source, min_area: float) -> bool:
+    """Whether any label map of ``source`` holds an object (stops at the first)."""
+    from uniultra.data.datasets import mask_instances
+
+    for i in range(len(source)):
+        lab = source.load(i)[1]
+        if lab.any() and (min_area <= 0 or mask_instances(lab, min_area)):
+            return True
+    return False
+
+
+def _train_data(cfg, roots, S: int, mask_div: int, prompt_kw: dict, need_masks: bool = True):
+    """(splits, per-dataset PromptSegDatasets) of the train split, cached in RAM, augmented.
+    ``need_masks``: refuse a dataset whose train masks are all empty (nothing to learn from)."""
     from uniultra.data.datasets import PromptSegDataset, UniformDataset
     from uniultra.training.data import AugmentedSource, CachedSource
 
@@ -37,6 +49,12 @@ def _train_data(cfg, roots, S: int, mask_div: int, prompt_kw: dict):
             raise InputError(f"--data {r}: no images in the train split (split.csv); check the dataset")
         splits.append(ds)
     sources = [CachedSource(ds) if getattr(cfg, "preload", True) else ds for ds in splits]
+    if need_masks:
+        for r, ds, src in zip(roots, splits, sources):
+            if not _has_object(src, min_area):
+                raise InputError(f"--data {r}: every mask of the {len(ds)} train images is empty"
+                                 f"{' (or smaller than min_area_frac)' if min_area > 0 else ''}; "
+                                 "segmentation training needs masks with objects (check masks/)")
     if cfg.augment:
         sources = [AugmentedSource(src, cfg.seed, size=S, **cfg.aug_options) for src in sources]
     pds = [PromptSegDataset(src, S, mask_div=mask_div, augment=False, min_area_frac=min_area, seed=cfg.seed,
@@ -64,6 +82,9 @@ class _LossModule(nn.Module):
         from uniultra.training.losses import promptable_loss
 
         b, n = layout["shape"]
+        if layout["rows"].numel() == 0:  # no sample of this batch holds an object (empty masks)
+            zero = sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+            return zero, {"loss": zero.detach()}
         rows = layout["rows"].to(batch["image"].device, non_blocking=True)
         image_index = torch.div(rows, n, rounding_mode="floor")
         masks = batch["masks"].reshape(b * n, 1, *batch["masks"].shape[-2:])[rows]
@@ -246,7 +267,8 @@ class DistillTask(Task):
         self.model, self.proj = student, proj
 
         self.roots = expand_data_dirs(cfg.data)
-        splits, pds = _train_data(cfg, self.roots, S, 4, {"prompt": "box"})
+        # the masks matter only to the fine-tuning stage: refuse empty ones before distilling, not after
+        splits, pds = _train_data(cfg, self.roots, S, 4, {"prompt": "box"}, need_masks=cfg.finetune_steps > 0)
         concat = SaltedConcat(pds)
         self.data_counts = {r.name: len(ds) for r, ds in zip(self.roots, splits)}
         keys = [f"{ds.name}__{r.id}" for ds in splits for r in ds.records]
