@@ -1,10 +1,13 @@
 """Batch labeling throughput: clips per hour with the bundled default, one worker against two, and
 the cost of loading the model per clip (the one-``uniultra propagate``-per-clip workflow), in one run.
 
-    .venv/bin/python benchmarks/batch.py [--split all] [--threads 1] [--per-clip 5] [--out benchmarks/results]
+    .venv/bin/python benchmarks/batch.py [--split all] [--clips N] [--threads 1] [--per-clip 5]
+                                         [--model uniultra-mini-us] [--out benchmarks/results]
 
-The manifest is every carotid recording in ``../shared/data`` (28 clips, one box from the expert
-mask on the first frame, structure "CCA").  Each measurement is a fresh process with
+The manifest is every carotid recording in ``../shared/data`` (28 clips; ``--clips N``: the first N),
+one box from the expert mask on the first frame, structure "CCA"; the model is the bundled default.
+The machine's load average is recorded before and after: on a shared machine the two-worker ratio
+measures spare cores as much as scaling.  Each measurement is a fresh process with
 ``--threads`` torch threads per worker:
 1. ``uniultra batch`` with one worker (model loaded once);
 2. two workers started together on the same manifest and output folder (they split the clips
@@ -34,14 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIULTRA_DATA", REPO.parent / "shared" / "data"))
 
 
-def make_manifest(tmp: Path, split: str) -> tuple[Path, list[dict]]:
+def make_manifest(tmp: Path, split: str, limit: int | None = None) -> tuple[Path, list[dict]]:
     car = DATA / "carotid"
     rows = [r for r in csv.DictReader(open(car / "split.csv")) if split == "all" or r["split"] == split]
     clips: dict[str, list[dict]] = {}
     for r in rows:
         clips.setdefault(r["clip"], []).append(r)
     out, info = [], []
-    for c, rs in clips.items():
+    for c, rs in list(clips.items())[:limit]:
         rs.sort(key=lambda r: int(r["frame"]))
         ys, xs = np.nonzero(np.asarray(Image.open(car / "masks" / f"{rs[0]['id']}.png")) > 0)
         name = c.replace(" ", "_")
@@ -83,18 +86,21 @@ def main() -> None:
     ap.add_argument("--split", default="all", help="carotid split: all, train, val or test")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--per-clip", type=int, default=5, help="clips for the model-per-clip comparison")
+    ap.add_argument("--clips", type=int, default=None, help="only the first N recordings (default: all)")
+    ap.add_argument("--model", default="uniultra-mini-us", help="registry name or checkpoint (default: the bundled one)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="uniultra-batch-bench-"))
     try:
-        manifest, info = make_manifest(tmp, args.split)
+        manifest, info = make_manifest(tmp, args.split, args.clips)
         n_frames = sum(c["frames"] for c in info)
         res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
-               "threads_per_worker": args.threads, "clips": len(info), "frames": n_frames, "model": "uniultra-mini-us"}
+               "threads_per_worker": args.threads, "clips": len(info), "frames": n_frames, "model": args.model,
+               "nice": os.nice(0), "load_average_before": [round(x, 2) for x in os.getloadavg()]}
 
         t = time.perf_counter()
         wait([uniultra("batch", manifest, "--out-dir", tmp / "one", "--device", "cpu", "--events", tmp / "one.jsonl",
-                       threads=args.threads)])
+                       "--model", args.model, threads=args.threads)])
         one = time.perf_counter() - t
         ev = events(tmp / "one.jsonl")
         start = next(e["time"] for e in ev if e["event"] == "run_start")
@@ -105,7 +111,7 @@ def main() -> None:
 
         t = time.perf_counter()
         wait([uniultra("batch", manifest, "--out-dir", tmp / "two", "--device", "cpu", "--events", tmp / f"two{k}.jsonl",
-                       threads=args.threads) for k in range(2)])
+                       "--model", args.model, threads=args.threads) for k in range(2)])
         two = time.perf_counter() - t
         done = [e["clip"] for k in range(2) for e in events(tmp / f"two{k}.jsonl") if e["event"] == "clip_done"]
         res["two_workers"] = {"wall_s": round(two, 1), "clips_per_hour": round(len(info) / two * 3600),
@@ -128,12 +134,13 @@ def main() -> None:
             row = next(r for r in csv.DictReader(open(manifest)) if r["name"] == c["name"])
             (d / "prompts.csv").write_text(f"id,x0,y0,x1,y1\n{c['ids'][0]},{row['x0']},{row['y0']},{row['x1']},{row['y1']}\n")
             wait([uniultra("propagate", "--frames", d / "frames.csv", "--prompts", d / "prompts.csv", "--out-dir",
-                           d / "out", "--device", "cpu", threads=args.threads)])
+                           d / "out", "--device", "cpu", "--model", args.model, threads=args.threads)])
         per_clip = time.perf_counter() - t
         res["model_per_clip"] = {"clips": len(sub), "frames": sum(c["frames"] for c in sub),
                                  "wall_s_one_process_per_clip": round(per_clip, 1),
                                  "seconds_inside_batch": round(in_batch, 1),
                                  "overhead_per_clip_s": round((per_clip - in_batch) / len(sub), 2)}
+        res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = Path(args.out)
