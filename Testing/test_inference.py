@@ -57,11 +57,14 @@ def test_embedding_is_cached(model, busi_image, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["uint8", "uint16", "float", "rgb", "rgba", "negative"])
 def test_any_image_type(model, busi_image, kind):
+    """Every dtype reaches the model as the same picture: grey-as-colour is the uint8 image itself;
+    16-bit, float and negative data (linear maps of the image with offsets, so a dtype-range or
+    clip-to-[0, 1] scaling would change the contrast) scale like the image's own percentile window."""
     g = busi_image.astype(np.float64)
     image = {
         "uint8": busi_image,
-        "uint16": (g * 257).astype(np.uint16),
-        "float": (g / 255.0).astype(np.float32),
+        "uint16": (g * 200 + 5000).astype(np.uint16),
+        "float": (g / 255.0 * 0.5 + 0.25).astype(np.float32),
         "rgb": np.repeat(busi_image[..., None], 3, axis=2),
         "rgba": np.concatenate([np.repeat(busi_image[..., None], 3, 2), np.full((*g.shape, 1), 255, np.uint8)], 2),
         "negative": (g - 1000.0),
@@ -71,9 +74,9 @@ def test_any_image_type(model, busi_image, kind):
     m = p.predict(boxes=[(118, 58, 272, 171)]).masks
     assert m.shape == (1, *busi_image.shape[:2])
     ref = Predictor(model, "cpu")
-    ref.set_image(busi_image)
-    if kind in ("rgb", "rgba"):  # grey as colour: the same pixels, so the same mask
-        assert np.mean(m == ref.predict(boxes=[(118, 58, 272, 171)]).masks) > 0.99
+    ref.set_image(busi_image if kind in ("uint8", "rgb", "rgba") else g)  # g: float64, percentile-scaled
+    assert torch.allclose(p._emb["image_embed"], ref._emb["image_embed"], atol=1e-4)  # the same model input
+    assert np.mean(m == ref.predict(boxes=[(118, 58, 272, 171)]).masks) > 0.999
 
 
 def test_mirror_tta_averages_the_image_and_its_mirror(model, busi_image):
@@ -202,6 +205,10 @@ def test_memory_propagation_runs_from_numpy_frames():
     m.memory_trained = True
     seen = []
     out = propagate_memory(p, frames, {1: [(5, 5, 30, 30)]}, progress=lambda d, t: seen.append((d, t)))
-    assert len(out) == 4 and all(o is None or o.shape == (40, 56) for o in out)
+    assert len(out) == 4 and all(o is not None and o.shape == (40, 56) and o.any() for o in out)
     assert seen[-1] == (5, 5)  # frames 1..3 forward, then 1..0 backward
-    assert type(m.sam).__name__ == "SAM2Base"  # the model is left as it was
+    p.set_image(frames[1])
+    assert np.mean(out[1] == p.predict(boxes=[(5, 5, 30, 30)]).masks[0]) > 0.95  # the box lands where it was drawn
+    from uniultra.models.video import VideoPredictor
+
+    assert type(m.sam) is VideoPredictor  # built as sam2's video predictor (Hydra _target_), never swapped

@@ -174,10 +174,11 @@ def propagate_memory(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> list[np.ndarray | None]:
-    """SAM2 memory-attention propagation through numpy frames (SAM2VideoPredictor inside)."""
-    from sam2.sam2_video_predictor import SAM2VideoPredictor
-
+    """SAM2 memory-attention propagation through numpy frames: sam2's own video predictor API
+    (``init_state`` on in-memory frames, ``add_new_points_or_box``, ``propagate_in_video``) on the
+    model itself, which is built as one (:mod:`uniultra.models.video`)."""
     from uniultra.data.transforms import prepare_batch
+    from uniultra.models.video import VideoPredictor
 
     key_boxes, hw = _check_inputs(frames, key_boxes, direction)
     model = predictor.model
@@ -187,55 +188,34 @@ def propagate_memory(
             "or a SAM2 checkpoint / a model trained on video"
         )
     sam = model.sam
-    old_class = sam.__class__
-    sam.__class__ = SAM2VideoPredictor
-    sam.fill_hole_area, sam.non_overlap_masks = 0, False
-    sam.clear_non_cond_mem_around_input, sam.add_all_frames_to_correct_as_cond = False, False
-    try:
-        dev = predictor.device
-        images = prepare_batch([check_image(f, f"frame {i}") for i, f in enumerate(frames)], model.image_size)
-        state = _video_state(sam, images.to(dev), hw, dev)
-        obj = 0
-        for k, boxes in sorted(key_boxes.items()):
-            for b in boxes:
-                x0, y0, x1, y1 = b
-                sam.add_new_points_or_box(state, frame_idx=k, obj_id=obj,
-                                          box=np.array([x0, y0, x1 + 1, y1 + 1], dtype=np.float32))
-                obj += 1
-        out: list[np.ndarray | None] = [None] * len(frames)
-        runs = []
-        if direction in ("both", "forward"):
-            runs.append(False)
-        if direction in ("both", "backward"):
-            runs.append(True)
-        first, last = min(key_boxes), max(key_boxes)
-        total = sum(last + 1 if reverse else len(frames) - first for reverse in runs)
-        done = 0
-        for reverse in runs:
-            for idx, _ids, logits in sam.propagate_in_video(state, reverse=reverse):
-                m = (logits[:, 0] > 0).any(0).cpu().numpy()
-                out[idx] = m if out[idx] is None else (out[idx] | m)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-                if cancel is not None and cancel():
-                    raise Cancelled("propagation cancelled")
-        return [m if m is not None and m.any() else None for m in out]
-    finally:
-        sam.__class__ = old_class
-
-
-def _video_state(sam, images: torch.Tensor, hw: tuple[int, int], dev: torch.device) -> dict:
-    """The inference state SAM2VideoPredictor.init_state builds, from in-memory frames."""
-    from collections import OrderedDict
-
-    state = {
-        "images": images, "num_frames": len(images), "offload_video_to_cpu": False,
-        "offload_state_to_cpu": False, "video_height": hw[0], "video_width": hw[1],
-        "device": dev, "storage_device": dev, "point_inputs_per_obj": {}, "mask_inputs_per_obj": {},
-        "cached_features": {}, "constants": {}, "obj_id_to_idx": OrderedDict(),
-        "obj_idx_to_id": OrderedDict(), "obj_ids": [], "output_dict_per_obj": {},
-        "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {},
-    }
-    sam._get_image_feature(state, frame_idx=0, batch_size=1)
-    return state
+    if not isinstance(sam, VideoPredictor):
+        raise InputError(f"model {model.name} has no SAM2 memory path: use --engine box (box propagation)")
+    dev = predictor.device
+    images = prepare_batch([check_image(f, f"frame {i}") for i, f in enumerate(frames)], model.image_size)
+    state = sam.init_state_from_arrays(images.to(dev), hw)
+    obj = 0
+    for k, boxes in sorted(key_boxes.items()):
+        for b in boxes:
+            x0, y0, x1, y1 = b
+            sam.add_new_points_or_box(state, frame_idx=k, obj_id=obj,
+                                      box=np.array([x0, y0, x1 + 1, y1 + 1], dtype=np.float32))
+            obj += 1
+    out: list[np.ndarray | None] = [None] * len(frames)
+    runs = []
+    if direction in ("both", "forward"):
+        runs.append(False)
+    if direction in ("both", "backward"):
+        runs.append(True)
+    first, last = min(key_boxes), max(key_boxes)
+    total = sum(last + 1 if reverse else len(frames) - first for reverse in runs)
+    done = 0
+    for reverse in runs:
+        for idx, _ids, logits in sam.propagate_in_video(state, reverse=reverse):
+            m = (logits[:, 0] > 0).any(0).cpu().numpy()
+            out[idx] = m if out[idx] is None else (out[idx] | m)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            if cancel is not None and cancel():
+                raise Cancelled("propagation cancelled")
+    return [m if m is not None and m.any() else None for m in out]

@@ -79,12 +79,17 @@ def check_image_size(image_size: int) -> int:
 
 
 def build_sam2_base(arch: Arch, image_size: int = DEFAULT_IMAGE_SIZE) -> torch.nn.Module:
-    """Instantiate a randomly initialised ``SAM2Base`` for ``arch`` at ``image_size``."""
+    """Instantiate a randomly initialised SAM2 model for ``arch`` at ``image_size``: a ``SAM2Base``
+    built as sam2's video predictor (:class:`uniultra.models.video.VideoPredictor`, through the
+    config's ``_target_``, as ``build_sam2_video_predictor`` does), so memory propagation needs no
+    class swap."""
     import sam2  # noqa: F401  (initialises sam2's Hydra config module)
+
+    from uniultra.models.video import TARGET
 
     image_size = check_image_size(image_size)
     feat = image_size // 16
-    overrides = list(arch.overrides) + [
+    overrides = [f"++model._target_={TARGET}"] + list(arch.overrides) + [
         f"++model.image_size={image_size}",
         f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
         f"++model.memory_attention.layer.cross_attention.feat_sizes=[{feat},{feat}]",
