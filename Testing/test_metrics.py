@@ -157,3 +157,35 @@ def test_evaluate_clips_static_baseline(dataset_root):
     assert s["static_ellipse_dice"] == pytest.approx(0.40, abs=0.01)
     assert s["dice"] == pytest.approx(s["static_ellipse_dice"])
     assert s["n_frames"] == sum(seen) - len(seen)
+
+
+def test_structure_dice_sees_a_filled_ring(tmp_path):
+    """Several labelled structures per image: the union Dice of a segmenter that fills every box is
+    near perfect on a disk inside a ring (the disk covers the ring's hole), the per-structure Dice
+    shows the ring is wrong; single-structure data reports no structure Dice."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:128, :128]
+    r = np.hypot(yy - 64, xx - 64)
+    lab = np.where(r < 25, 1, np.where(r < 40, 2, 0)).astype(np.uint8)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray((lab * 60).astype(np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(lab).save(tmp_path / "masks" / "a.png")
+    (tmp_path / "split.csv").write_text("id,split\na,test\n")
+
+    def fill(image, boxes, points, labels):
+        out = []
+        for x0, y0, x1, y1 in boxes:
+            m = np.zeros(image.shape[:2], bool)
+            m[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = True
+            out.append(m)
+        return out
+
+    s = evaluate_dataset(fill, tmp_path, jitter=0.0, progress=False)["datasets"][tmp_path.name]
+    assert s["dice"] > 0.85 and s["structure_dice"] < s["dice"] - 0.1  # ring: box 81x81 vs 3,063 px
+    assert s["ellipse_structure_dice"] < s["ellipse_dice"]
+    (tmp_path / "masks" / "a.png").unlink()
+    Image.fromarray(((lab > 0) * 255).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    s1 = evaluate_dataset(fill, tmp_path, jitter=0.0, progress=False)["datasets"][tmp_path.name]
+    assert "structure_dice" not in s1
