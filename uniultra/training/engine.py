@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from uniultra.device import pick_device
 from uniultra.errors import Cancelled, InputError
 from uniultra.events import EventLog, Progress, console_progress
 from uniultra.training.config import AMP_MODES, SCHEDULES, RunConfig, to_yaml
@@ -52,24 +53,8 @@ from uniultra.training.validation import validate
 
 # ------------------------------------------------------------------------------------ helpers
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    if name == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise InputError("--device mps: Apple MPS is not available; use --device cpu or auto")
-        return torch.device("mps")
-    if name == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+    """:func:`uniultra.device.pick_device` (``cuda``/``auto`` mean this DDP process's GPU)."""
+    return pick_device(name, local_rank)
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
