@@ -11,12 +11,10 @@ from uniultra.data.transforms import (
     IMAGENET_STD,
     box_to_model,
     image_to_model_coords,
-    logits_to_mask,
-    logits_to_masks_torch,
-    model_box_to_image,
     prepare_batch,
     scale_intensity,
     to_model_input,
+    upsample_logits,
 )
 from uniultra.errors import InputError
 
@@ -85,7 +83,7 @@ def test_coordinate_conventions():
     assert np.allclose(box_to_model((10, 20, 10, 20), hw, S), (20, 80, 22, 84))
     b = np.array([[0, 0, 199, 99], [5, 6, 7, 8]])
     assert np.allclose(box_to_model(b, hw, S)[0], (0, 0, S, S))
-    assert np.allclose(model_box_to_image(box_to_model(b, hw, S), hw, S), b)
+    assert np.allclose(box_to_model(b, hw, S)[1], (10, 24, 16, 36))  # (x1 + 1, y1 + 1) scaled: inclusive corners
 
 
 def test_box_matches_resized_pixels():
@@ -101,15 +99,16 @@ def test_box_matches_resized_pixels():
     assert ys.min() == pytest.approx(mb[1], abs=1) and ys.max() + 1 == pytest.approx(mb[3], abs=1)
 
 
-def test_logits_to_mask():
+def test_upsample_logits_threshold():
+    """What the predictor, validation and the ONNX path do with logits: resize, threshold at 0."""
     S = 64
     logits = -torch.ones(1, 1, S // 4, S // 4) * 5
     logits[..., 4:8, 2:6] = 5  # model-space rows 16..32, cols 8..24 of S=64
-    m = logits_to_mask(logits, (128, 256))
+    m = (upsample_logits(logits, (128, 256)) > 0).numpy()
     assert m.dtype == bool and m.shape == (1, 1, 128, 256)
     ys, xs = np.nonzero(m[0, 0])
     assert abs(ys.min() - 32) <= 2 and abs(ys.max() - 63) <= 2 and abs(xs.min() - 32) <= 4 and abs(xs.max() - 95) <= 4
-    m2 = logits_to_mask(logits[0, 0], (128, 256), size=S)
+    m2 = (upsample_logits(logits[0, 0], (128, 256), size=S) > 0).numpy()
     assert m2.shape == (128, 256) and (m2 != m[0, 0]).mean() < 0.01
-    t = logits_to_masks_torch(torch.zeros(3, 2, 8, 8) + 1, (5, 6))
-    assert t.shape == (3, 2, 5, 6) and t.dtype == torch.bool and t.all()
+    t = upsample_logits(torch.zeros(3, 2, 8, 8) + 1, (5, 6)) > 0
+    assert t.shape == (3, 2, 5, 6) and t.all()

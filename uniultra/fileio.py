@@ -44,3 +44,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, _w)
+
+
+def atomic_write_csv(path: str | os.PathLike, rows, fields) -> Path:
+    """``rows`` (dicts) as CSV with the header ``fields`` (missing or None values empty), atomically."""
+    import csv
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(fields))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+    return atomic_write(path, _w)

@@ -41,10 +41,7 @@ def load_predictor(model: str = DEFAULT_MODEL, device: str = "cpu"):
         from uniultra.models import build_model
 
         return Predictor(build_model(model, device=device), device)
-    try:
-        return Predictor.from_name(model, device=device)
-    except TypeError:  # engines whose from_name takes no device
-        return Predictor.from_name(model)
+    return Predictor.from_name(model, device=device)
 
 
 def predict_mask(

@@ -72,33 +72,9 @@ def count_objects(mask: np.ndarray) -> int:
     m = np.asarray(mask) > 0
     if not m.any():
         return 0
-    try:
-        from scipy import ndimage
+    from scipy import ndimage  # Slicer ships scipy
 
-        return int(ndimage.label(m, structure=np.ones((3, 3), bool))[1])
-    except ImportError:  # pragma: no cover - Slicer ships scipy; a plain union-find otherwise
-        return _count_components(m)
-
-
-def _count_components(m: np.ndarray) -> int:
-    h, w = m.shape
-    seen = np.zeros_like(m, bool)
-    n = 0
-    for r0, c0 in zip(*np.nonzero(m)):
-        if seen[r0, c0]:
-            continue
-        n += 1
-        stack = [(r0, c0)]
-        seen[r0, c0] = True
-        while stack:
-            r, c = stack.pop()
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    rr, cc = r + dr, c + dc
-                    if 0 <= rr < h and 0 <= cc < w and m[rr, cc] and not seen[rr, cc]:
-                        seen[rr, cc] = True
-                        stack.append((rr, cc))
-    return n
+    return int(ndimage.label(m, structure=np.ones((3, 3), bool))[1])
 
 
 # ------------------------------------------------------------------------------------ geometry

@@ -87,18 +87,6 @@ def box_to_model(box, hw: tuple[int, int], size: int) -> np.ndarray:
     return out
 
 
-def model_box_to_image(box, hw: tuple[int, int], size: int) -> np.ndarray:
-    """Inverse of :func:`box_to_model` (float; round to get pixel indices)."""
-    h, w = hw
-    b = np.asarray(box, dtype=np.float64)
-    out = np.empty_like(b)
-    out[..., 0] = b[..., 0] * w / size
-    out[..., 1] = b[..., 1] * h / size
-    out[..., 2] = b[..., 2] * w / size - 1
-    out[..., 3] = b[..., 3] * h / size - 1
-    return out
-
-
 def upsample_logits(logits: torch.Tensor, hw: tuple[int, int], size: int | None = None) -> torch.Tensor:
     """Bilinear resize of ``[..., h, w]`` logits to ``hw`` (via ``size x size`` first if given)."""
     lead = logits.shape[:-2]
@@ -108,19 +96,6 @@ def upsample_logits(logits: torch.Tensor, hw: tuple[int, int], size: int | None 
     if tuple(x.shape[-2:]) != tuple(hw):
         x = F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False)
     return x.reshape(*lead, *hw)
-
-
-def logits_to_masks_torch(logits: torch.Tensor, hw: tuple[int, int], size: int | None = None) -> torch.Tensor:
-    """Batched: ``[..., h, w]`` logits -> bool tensor ``[..., H, W]`` (resize, threshold 0)."""
-    return upsample_logits(logits, hw, size) > 0
-
-
-def logits_to_mask(logits: torch.Tensor, hw: tuple[int, int], size: int | None = None) -> np.ndarray:
-    """``[..., h, w]`` logits tensor -> bool numpy ``[..., H, W]`` at image size (threshold 0)."""
-    if not isinstance(logits, torch.Tensor):
-        logits = torch.as_tensor(np.asarray(logits))
-    with torch.no_grad():
-        return logits_to_masks_torch(logits.detach().cpu(), hw, size).numpy()
 
 
 def resize_mask(mask: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

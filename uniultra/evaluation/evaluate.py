@@ -19,7 +19,6 @@ boxes (not defined for point prompts: reported as None).  Prompts are seeded per
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from uniultra.data.datasets import UniformDataset, find_datasets, mask_instances
 from uniultra.data.io import atomic_write, overlay_png
 from uniultra.errors import Cancelled, InputError
 from uniultra.evaluation.metrics import baseline_mask, coco_map, dice, hd95, iou
+from uniultra.fileio import atomic_write_csv
 
 PROMPTS = ("box", "point", "box+points")
 
@@ -74,13 +74,7 @@ def _as_masks(out, hw):
 
 
 def _write_csv(path, rows, fields):
-    def _w(tmp):
-        with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=fields)
-            wr.writeheader()
-            for r in rows:
-                wr.writerow({k: r.get(k) for k in fields})
-    atomic_write(path, _w)
+    atomic_write_csv(path, rows, fields)
 
 
 def _write_json(path, obj):

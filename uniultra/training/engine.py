@@ -26,7 +26,6 @@ loss module and the checkpoint metadata.
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as _dt
 import hashlib
 import json
@@ -158,15 +157,9 @@ def expand_data_dirs(dirs) -> list[Path]:
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    from uniultra.data.io import atomic_write
+    from uniultra.fileio import atomic_write_csv
 
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    atomic_write(path, write)
+    atomic_write_csv(path, rows, fields)
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
