@@ -318,8 +318,8 @@ def apply_lite_peft(net: LiteMedSAMNet, method: str, scope: str, **options) -> d
         DECODER_PARTS,
         _adapter_decoder,
         _attach_adapter_hooks,
-        _lora_decoder,
         adapt,
+        lora_builder,
         parameters_of,
     )
 
@@ -334,15 +334,6 @@ def apply_lite_peft(net: LiteMedSAMNet, method: str, scope: str, **options) -> d
                 new += list(mod.parameters())
         return new + parameters_of(net, *DECODER_PARTS)
 
-    def lora(encoder: bool, opts: dict) -> list:
-        rank, alpha = int(opts.get("rank", 4)), float(opts.get("alpha", opts.get("rank", 4)))
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        new = _lora_tinyvit(trunk, rank, alpha) if encoder else []
-        if opts.get("decoder", True) or not encoder:
-            new += _lora_decoder(net, rank, alpha)
-        return new
-
     def adapter(encoder: bool, opts: dict) -> list:
         reduction = int(opts.get("reduction", 4))
         new = []
@@ -355,5 +346,6 @@ def apply_lite_peft(net: LiteMedSAMNet, method: str, scope: str, **options) -> d
                 new += _attach_adapter_hooks(blocks[i].attn, blocks[i].mlp, blocks[i].dim, reduction)
         return new + _adapter_decoder(net, int(opts.get("decoder_blocks", 1)), reduction)
 
+    lora = lora_builder(net, lambda rank, alpha: _lora_tinyvit(trunk, rank, alpha))
     return adapt(net, method, scope, options, {"ch-adapter": ch_adapter, "lora": lora, "adapter": adapter},
                  "LiteMedSAM")

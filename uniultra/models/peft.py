@@ -292,6 +292,22 @@ def parameters_of(net: nn.Module, *names: str) -> list[nn.Parameter]:
     return [p for name in names for p in getattr(net, name).parameters()]
 
 
+def lora_builder(net: nn.Module, encoder_lora: Callable[[int, float], list]) -> Builder:
+    """LoRA for any family: ``encoder_lora(rank, alpha)`` adds the trunk's low-rank pairs; the
+    decoder's (SAM's mask decoder, the same in every family) follow the ``decoder`` option."""
+
+    def build(encoder: bool, opts: dict) -> list:
+        rank, alpha = int(opts.get("rank", 4)), float(opts.get("alpha", opts.get("rank", 4)))
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        new = encoder_lora(rank, alpha) if encoder else []
+        if opts.get("decoder", True) or not encoder:
+            new += _lora_decoder(net, rank, alpha)
+        return new
+
+    return build
+
+
 def adapt(net: nn.Module, method: str | None, scope: str, options: dict, builders: dict[str, Builder],
           family: str) -> dict:
     """The one driver of every model family's adaptation: check method, scope and options, freeze
@@ -341,15 +357,6 @@ def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder
                 new += list(mod.parameters())
         return new + [p for n, p in sam.named_parameters() if not n.startswith("image_encoder.")]
 
-    def lora(encoder: bool, opts: dict) -> list:
-        rank, alpha = int(opts.get("rank", 4)), float(opts.get("alpha", opts.get("rank", 4)))
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        new = _lora_encoder(trunk, rank, alpha) if encoder else []
-        if opts.get("decoder", True) or not encoder:
-            new += _lora_decoder(sam, rank, alpha)
-        return new
-
     def adapter(encoder: bool, opts: dict) -> list:
         reduction = int(opts.get("reduction", 4))
         new = _adapter_encoder(trunk, opts.get("blocks"), reduction) if encoder else []
@@ -365,7 +372,8 @@ def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder
         return new + parameters_of(sam, *DECODER_PARTS)
 
     return adapt(sam, method, scope, options,
-                 {"ch-adapter": ch_adapter, "lora": lora, "adapter": adapter, "cnn-branch": cnn_branch}, "SAM2")
+                 {"ch-adapter": ch_adapter, "lora": lora_builder(sam, lambda r, a: _lora_encoder(trunk, r, a)),
+                  "adapter": adapter, "cnn-branch": cnn_branch}, "SAM2")
 
 
 def updated_parameter_names(sam: nn.Module) -> list[str]:
