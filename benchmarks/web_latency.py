@@ -35,29 +35,34 @@ sys.path.insert(0, str(REPO / "UniUltraWeb"))
 
 WATCH_JS = """
 ([x, y, w, h, thr]) => {
-  const img = document.querySelector('img.image-display-area');
+  // trame-rca double-buffers the view: two <img class=image-display-area>, one shown at a time;
+  // each newly decoded frame fires 'load' on its <img>: read that frame's pixels in the box
+  const shown = () => [...document.querySelectorAll('img.image-display-area')].find(i => i.clientWidth > 0);
   const canvas = document.createElement('canvas');
   const ctx = canvas.getContext('2d', {willReadFrequently: true});
-  const W = { base: null, upAt: null, visibleAt: null, frames: 0 };
+  const W = { base: null, upAt: null, visibleAt: null, frames: 0, last: null };
   window.__W = W;
-  function region() {
-    if (!img.naturalWidth) return null;
+  function region(img) {
+    const v = shown();
+    if (!img || !v || !img.naturalWidth) return null;
+    const r = v.getBoundingClientRect();
+    const sx = img.naturalWidth / r.width, sy = img.naturalHeight / r.height;
     canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
     ctx.drawImage(img, 0, 0);
-    const sx = img.naturalWidth / img.clientWidth, sy = img.naturalHeight / img.clientHeight;
-    const r = img.getBoundingClientRect();
-    const d = ctx.getImageData(Math.round((x - r.left) * sx), Math.round((y - r.top) * sy),
-                               Math.max(1, Math.round(w * sx)), Math.max(1, Math.round(h * sy))).data;
-    return d;
+    return ctx.getImageData(Math.round((x - r.left) * sx), Math.round((y - r.top) * sy),
+                            Math.max(1, Math.round(w * sx)), Math.max(1, Math.round(h * sy))).data;
   }
-  W.reset = () => { W.base = region(); W.upAt = null; W.visibleAt = null; W.frames = 0; };
-  W.diff = () => { const d = region(); if (!d || !W.base) return 0; let s = 0;
+  const diff = (d) => { if (!d || !W.base || d.length !== W.base.length) return 0; let s = 0;
     for (let i = 0; i < d.length; i += 4) s += Math.abs(d[i] - W.base[i]) + Math.abs(d[i+1] - W.base[i+1]) + Math.abs(d[i+2] - W.base[i+2]);
     return s / (d.length / 4) / 3; };
-  img.addEventListener('load', () => {
+  W.reset = () => { W.base = region(W.last || shown()); W.upAt = null; W.visibleAt = null; W.frames = 0; };
+  W.diff = () => diff(region(W.last || shown()));
+  document.addEventListener('load', (ev) => {
+    if (!ev.target.classList || !ev.target.classList.contains('image-display-area')) return;
+    W.last = ev.target;
     W.frames += 1;
-    if (W.upAt !== null && W.visibleAt === null && W.diff() > thr) W.visibleAt = performance.now();
-  });
+    if (W.upAt !== null && W.visibleAt === null && diff(region(ev.target)) > thr) W.visibleAt = performance.now();
+  }, true);
   document.addEventListener('pointerup', () => { W.upAt = performance.now(); }, true);
   W.reset();
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("UNIULTRA_CHROMIUM", "/usr/bin/chromium")
-VIEW_IMG = "img.image-display-area"
+VIEW_IMG = "img.image-display-area:visible"  # trame-rca double-buffers: two <img>, one shown
 
 
 def browser_missing() -> str | None:
@@ -46,7 +46,7 @@ def free_port() -> int:
 class Server:
     """`python -m uniultra_web ARGS` on a free port; `url` once it printed its ready line."""
 
-    def __init__(self, args: list[str], port: int | None = None, env: dict | None = None, timeout: float = 240):
+    def __init__(self, args: list[str], port: int | None = None, env: dict | None = None, timeout: float = 600):
         self.port = port or free_port()
         e = dict(os.environ)
         e["PYTHONPATH"] = os.pathsep.join([str(REPO / "UniUltraWeb"), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -100,7 +100,7 @@ def state(page, name):
     return page.evaluate("(n) => window.trame.state.get(n)", name)
 
 
-def wait_state(page, expr: str, timeout_ms: int = 60000):
+def wait_state(page, expr: str, timeout_ms: int = 120000):
     """Wait until a JS expression over `s` (trame state getter) is true."""
     page.wait_for_function(f"() => {{ const s = (n) => window.trame.state.get(n); return {expr}; }}",
                            timeout=timeout_ms)
@@ -110,7 +110,7 @@ def open_app(browser, url: str, viewport=(1180, 820), touch: bool = False):
     context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, has_touch=touch)
     page = context.new_page()
     page.goto(url)
-    page.wait_for_selector(VIEW_IMG, state="visible", timeout=90000)
+    page.locator(VIEW_IMG).first.wait_for(timeout=90000)
     wait_state(page, "s('frame_count') > 0", 90000)
     return page
 
@@ -121,7 +121,7 @@ def frame_to_page(page, col: float, row: float) -> tuple[float, float]:
     The server publishes where the frame's pixel centres (0, 0) and (W-1, H-1) are in the view's
     display pixels (VTK: origin bottom left) and the view's size; the <img> shows that view."""
     g = state(page, "frame_display")
-    box = page.locator(VIEW_IMG).bounding_box()
+    box = page.locator(VIEW_IMG).first.bounding_box()
     x = g["x0"] + (col / max(g["w"] - 1, 1)) * (g["x1"] - g["x0"])
     y = g["y0"] + (row / max(g["h"] - 1, 1)) * (g["y1"] - g["y0"])
     return box["x"] + x * box["width"] / g["vw"], box["y"] + (g["vh"] - y) * box["height"] / g["vh"]

@@ -211,12 +211,12 @@ def test_remote_address_needs_token(chromium, data_folder, tmp_path):
         page = ctx.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_timeout(4000)
-        assert page.locator(VIEW_IMG).count() == 0  # no websocket session: the app never renders
+        assert page.locator("img.image-display-area").count() == 0  # no websocket session: the app never renders
         page.goto(f"http://127.0.0.1:{port}/?secret=wrong-{token}")
         page.wait_for_timeout(3000)
-        assert page.locator(VIEW_IMG).count() == 0
+        assert page.locator("img.image-display-area").count() == 0
         page.goto(f"http://127.0.0.1:{port}/?secret={token}")
-        page.wait_for_selector(VIEW_IMG, state="visible", timeout=60000)
+        page.locator(VIEW_IMG).first.wait_for(timeout=90000)
         ctx.close()
     finally:
         srv.stop()
@@ -307,7 +307,7 @@ def test_launcher_two_sessions(chromium, data_folder, tmp_path):
         page = ctx.new_page()
         s = sessions[0]
         page.goto(f"http://127.0.0.1:{s['port']}/?secret={s['secret']}")
-        page.wait_for_selector(VIEW_IMG, state="visible", timeout=90000)
+        page.locator(VIEW_IMG).first.wait_for(timeout=90000)
         ctx.close()
         for s in sessions:
             _http("DELETE", f"{url}/{s['id']}")

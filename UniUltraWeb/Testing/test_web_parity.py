@@ -182,3 +182,38 @@ def test_bundled_model_through_the_web_path(busi_image):
     mask = web.geometry().frame_from_array(web.segment(), 0) > 0
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.6, dice
+
+
+def test_propagation_on_a_worker_thread_stops_and_writes_nothing(echo_dicom):
+    """The app's propagation: begin on the loop's thread, run on a worker, Stop, finish: nothing written."""
+    import threading
+
+    class SlowEngine(StandInEngine):
+        def propagate(self, frames, key_boxes, direction="both", progress=None, cancel=None):
+            for i in range(len(frames)):
+                if cancel():
+                    return [None] * len(frames)
+                progress((i + 1) / len(frames))
+                stepped.set()
+                go.wait(5)
+            return super().propagate(frames, key_boxes, direction, None, cancel)
+
+    stepped, go = threading.Event(), threading.Event()
+    web = WebHarness(SlowEngine())
+    web.open(echo_dicom)
+    web.drag((60, 50), (120, 110))
+    job = web.session.begin_propagation("both")
+    assert web.session.controller.busy
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("masks", job.run(lambda f: None)))
+    worker.start()
+    assert stepped.wait(10)
+    web.drag((10, 10), (40, 40))  # events are refused while it runs
+    assert len(web.session.controller.prompts()) == 1
+    web.session.controller.cancel()  # the Stop button
+    go.set()
+    worker.join(10)
+    reply = web.session.finish_propagation(job, result["masks"])
+    assert "nothing was written" in reply.status
+    assert not any(m.any() for m in web.cine_masks())
+    assert not web.session.undo_stack.can_undo() and not web.session.controller.busy

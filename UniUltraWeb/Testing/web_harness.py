@@ -53,7 +53,7 @@ class StandInEngine:
 
 
 class WebHarness:
-    def __init__(self, engine, size=(1300, 1000)):
+    def __init__(self, engine, size=(720, 540)):
         from trame_slicer.core import SlicerApp
         from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
         from uniultra_web.effect import UniUltraEffect

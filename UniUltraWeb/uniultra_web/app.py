@@ -40,9 +40,11 @@ class UniUltraWebApp(TrameApp):
         self.out_dir = Path(out_dir)
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
         self.slicer_app = SlicerApp()
-        register_rca_factories(self.slicer_app.view_manager, self.server)
+        # no per-view gutter (trame-slicer's default adds 3D/layout buttons and a second slice slider)
+        register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=lambda *_: None)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
-        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        # lazy: only the views of the layout in use are created (one Red slice view)
+        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration(), lazy_initialization=True)
         self.layout_manager.set_layout("Axial Only")
         self.session = WebSession(self.slicer_app, model, device, self.workdir, engine_factory=engine_factory)
         self.effect = self.slicer_app.segmentation_editor.get_effect(UniUltraEffect)
@@ -50,9 +52,10 @@ class UniUltraWebApp(TrameApp):
         self.effect.on_reply = self._on_effect_reply
         self._play_task = None
         self._propagation_task = None
+        self._open_path = None
         self._init_state()
+        self._build_ui()  # creates the Red view (lazy layout)
         self.session.red_view().get_view_node().AddObserver("ModifiedEvent", self._on_slice_node_modified)
-        self._build_ui()
 
     # ------------------------------------------------------------------ state
 
@@ -141,7 +144,7 @@ class UniUltraWebApp(TrameApp):
     def _build_ui(self):
         with SinglePageWithDrawerLayout(self.server, theme=("'dark'",)) as layout:
             layout.title.set_text("UniUltra Web")
-            layout.drawer.width = 340
+            layout.drawer.width = 390
             with layout.toolbar:
                 v3.VSpacer()
                 v3.VSelect(label="Image", items=("files",), v_model=("file_index",), density="compact",
@@ -203,7 +206,8 @@ class UniUltraWebApp(TrameApp):
             with layout.content:
                 with html.Div(style="position: relative; width: 100%; height: calc(100vh - 130px)", id="viewer"):
                     self.layout_manager.initialize_layout_grid(layout)
-                with html.Div(classes="d-flex align-center px-4", v_show="frame_count > 1", style="height: 64px"):
+                with html.Div(v_show="frame_count > 1"), html.Div(classes="d-flex align-center px-4",
+                                                                   style="height: 64px"):
                     v3.VBtn(icon=("playing ? 'mdi-pause' : 'mdi-play'",), click=self.ctrl.toggle_play, size="large",
                             id="btn-play")
                     v3.VSlider(v_model=("frame",), min=0, max=("frame_count - 1",), step=1, hide_details=True,
@@ -250,6 +254,7 @@ class UniUltraWebApp(TrameApp):
         from uniultra.errors import InputError
 
         self._stop_play()
+        self._open_path = path
         try:
             loaded = self.session.open(path)
         except InputError as exc:
@@ -266,6 +271,8 @@ class UniUltraWebApp(TrameApp):
         if file_index is None:
             return
         try:
+            if self._open_path is not None and self.catalog.path(int(file_index)) == self._open_path:
+                return  # already open (the state echoing the start-up file)
             self.open_index(int(file_index))
         except (KeyError, IndexError, ValueError, TypeError):
             self._refresh(Reply(status="That file is not in the list.", error=True))
@@ -291,9 +298,8 @@ class UniUltraWebApp(TrameApp):
         if segment_id and self.session.loaded is not None and segment_id != self.session.selected_segment:
             try:
                 self.session.select_segment(segment_id)
-            except ValueError as exc:
-                self._refresh(Reply(status=str(exc), error=True))
-                return
+            except ValueError:  # a segment of the previous file still in the browser's state
+                pass
             self._refresh()
 
     def add_segment(self):

@@ -297,10 +297,13 @@ class WebSession:
         view.set_slice_value(float(np.dot(s2r[:3, 2], centre)))
 
     def red_view(self):
-        views = self.app.view_manager.get_slice_views()
-        if not views:
-            raise RuntimeError("no slice view")
-        return views[0]
+        view = self.app.view_manager.get_view("Red")
+        if view is None:
+            views = self.app.view_manager.get_slice_views()
+            if not views:
+                raise RuntimeError("no slice view")
+            view = views[0]
+        return view
 
     # ------------------------------------------------------------------ the controller's calls
 
