@@ -155,6 +155,30 @@ def test_settings_refuse_bad_input_before_anything_starts(tmp_path):
     assert ev1 != ev2 and log1 != log2 and ev1.parent == log1.parent == Path("o") / batch.SLICER_DIR / "runs"
 
 
+def test_flagged_frames_and_results_of_a_folder(tmp_path):
+    """What the review starts from: the runner's per-frame flags, and the results in a folder
+    without a manifest (every complete clip folder; a damaged clip.json is shown, not fatal)."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "frames.csv").write_text("frame,structure,area_px,x0,y0,x1,y1,score,flags\n"
+                                  "0,CCA,50,1,1,8,8,0.9,key\n1,CCA,52,1,1,8,8,0.4,low_score\n"
+                                  "2,CCA,0,,,,,,absent\n3,CCA,51,1,1,8,8,0.9,\n"
+                                  "0,IJV,20,1,1,4,4,0.8,key;shift\n")
+    (a / "clip.json").write_text('{"name": "a", "frames": 4, "structures": [{"name": "CCA", "label": 1}], '
+                                 '"warnings": ["CCA: absent on 1 of 4 frames"]}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "clip.json").write_text("{not json")
+    (tmp_path / "c").mkdir()  # no clip.json: not a result (a clip in progress leaves nothing here)
+    assert batch.flagged_frames(a) == {"CCA": [1, 2], "IJV": [0]}
+    assert batch.flagged_frames(tmp_path / "c") == {}
+    rows = {r["name"]: r for r in batch.read_results(tmp_path)}
+    assert sorted(rows) == ["a", "b"]
+    assert (rows["a"]["status"], rows["a"]["frames"], rows["a"]["structures"], rows["a"]["warnings"]) == \
+        ("done", 4, ["CCA"], ["CCA: absent on 1 of 4 frames"])
+    assert rows["b"]["status"] == "unreadable" and "cannot be read" in rows["b"]["error"]
+    assert batch.read_results(tmp_path / "nope") == []
+
+
 # --------------------------------------------------------------------------------- run, load
 def test_run_in_a_subprocess_and_load_for_review(ctx, tmp_path, ckpt):
     cine, key_seg = _labelled_cine(ctx, "clip one", 8, 5, {"disc": {0: _box(6, 12, 24, 28)},
