@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from PIL import Image
 
@@ -80,6 +81,32 @@ def work(tmp_path, ckpt, bad_ckpts):
     _dataset(w / "frame", "id,split,clip,frame\na,test,c1,zero\nb,test,c1,1\n")
     _dataset(w / "empty", "id,split\na,train\nb,train\n", masks="empty")
     _dataset(w / "tr", "id,split\na,train\nb,val\n")
+    # bad pixels: NaN in NIfTI (ITK reads it as 0) and NRRD, a 1x1 image, a NaN volume
+    nan = np.random.default_rng(0).random((48, 64)).astype(np.float32) * 100
+    nan[5, 5] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(w / "nan.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(w / "nan.nrrd"))
+    vol = np.stack([np.ones_like(nan), nan, np.ones_like(nan)])
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(w / "nanvol.nii.gz"))
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(w / "one.png")
+    for name, split in (("nands", "id,split\na,test\nb,test\n"), ("nantr", "id,split\na,train\nb,val\n")):
+        _dataset(w / name, split)
+        (w / name / "images" / "a.png").unlink()
+        sitk.WriteImage(sitk.GetImageFromArray(nan), str(w / name / "images" / "a.nii.gz"))
+    _dataset(w / "tinyds", "id,split\na,test\nb,test\n")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(w / "tinyds" / "images" / "b.png")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(w / "tinyds" / "masks" / "b.png")
+    # outputs that would replace inputs: a frame named like its mask, a clip in the output folder,
+    # a folder of frames where batch would put that clip's output folder
+    (w / "frames_self.csv").write_text("id,image\nimg,img.png\nf1,img.png\n")
+    (w / "prompts_self.csv").write_text("id,x0,y0,x1,y1\nimg,5,5,30,30\n")
+    (w / "clipdir").mkdir()
+    _png(w / "clipdir" / "frame_0000.png")
+    (w / "clips" / "a").mkdir(parents=True)
+    for k in range(2):
+        _png(w / "clips" / "a" / f"{k}.png", seed=k)
+    (w / "bad.yaml").write_text("lr: [1, 2\n  epochs: : x\n")
+    (w / "bprompts.csv").write_text("clip,frame,structure,x0,y0,x1,y1\n*,0,obj,5,5,30,30\n")
     (w / "dec.onnx").mkdir()  # a folder where the decoder of --out enc.onnx would go: enc.decoder.onnx
     (w / "enc.decoder.onnx").mkdir()
     return {"w": w, "ckpt": ckpt, "bad": bad_ckpts}
@@ -134,6 +161,32 @@ CASES = [
                       "--model", "{m}"], "dir"),
     ("image-is-text", ["segment", "--image", "{w}/file.txt", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
                        "--model", "{m}"], "file.txt"),
+    # bad pixels: every message names the file, the CSV line or the frame
+    ("image-nan-nifti", ["segment", "--image", "{w}/nan.nii.gz", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                         "--model", "{m}"], "nan.nii.gz contains NaN"),
+    ("image-nan-nrrd", ["segment", "--image", "{w}/nan.nrrd", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
+                        "--model", "{m}"], "nan.nrrd contains NaN"),
+    ("image-1x1", ["segment", "--image", "{w}/one.png", "--box", "0", "0", "0", "0", "--out", "{w}/m.png",
+                   "--model", "{m}"], "one.png is 1x1"),
+    ("csv-image-1x1", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,img.png,5,5,30,30\nb,one.png,0,0,0,0\n",
+                       "--out-dir", "{w}/out", "--model", "{m}"], "line 3: image"),
+    ("csv-image-nan", ["segment", "--prompts", "@id,image,x0,y0,x1,y1\na,nan.nii.gz,5,5,30,30\n",
+                       "--out-dir", "{w}/out", "--model", "{m}"], "line 2: image"),
+    ("clip-nan-nifti", ["propagate", "--clip", "{w}/nanvol.nii.gz", "--frame", "0", "--box", "5", "5", "30", "30",
+                        "--out-dir", "{w}/out", "--model", "{m}"], "nanvol.nii.gz frame 1 contains NaN"),
+    ("frames-nan", ["propagate", "--frames", "@id,image\nf0,img.png\nf1,nan.nrrd\n", "--prompts",
+                    "{w}/prompts_ok.csv", "--out-dir", "{w}/out", "--model", "{m}"], "line 3: image"),
+    ("eval-nan-nifti", EVAL + ["--data", "{w}/nands"], "a.nii.gz"),
+    ("eval-1x1", EVAL + ["--data", "{w}/tinyds"], "b.png"),
+    ("train-nan-nifti", ["train", "--data", "{w}/nantr", "--out", "{w}/run", "--model", "uniultra-student-e8",
+                         "--image-size", "64", "--device", "cpu"], "a.nii.gz"),
+    # outputs that would overwrite inputs
+    ("prop-mask-over-frame", ["propagate", "--frames", "{w}/frames_self.csv", "--prompts", "{w}/prompts_self.csv",
+                              "--out-dir", "{w}", "--model", "{m}"], "img.png"),
+    ("prop-mask-over-clip", ["propagate", "--clip", "{w}/clipdir/frame_0000.png", "--frame", "0", "--box", "5", "5",
+                             "30", "30", "--out-dir", "{w}/clipdir", "--model", "{m}"], "frame_0000.png"),
+    ("batch-out-over-frames", ["batch", "{w}/clips", "--prompts", "{w}/bprompts.csv", "--out-dir", "{w}/clips",
+                               "--model", "{m}"], "replace the input"),
     # checkpoints and models
     ("ckpt-no-meta", ["segment", "--image", "{w}/img.png", "--box", "1", "1", "5", "5", "--out", "{w}/m.png",
                       "--model", "{bad}/no_meta.pt"], "no_meta.pt"),
@@ -237,6 +290,11 @@ CASES = [
     ("data-weights-zero", TRAIN + ["--data-weights", "0"], "--data-weights"),
     ("warmup-negative", TRAIN + ["--warmup", "-3"], "--warmup"),
     ("max-instances-zero", TRAIN + ["--max-instances", "0"], "--max-instances"),
+    ("seed-negative", TRAIN + ["--seed", "-1"], "--seed"),
+    ("loss-weights-nan", TRAIN + ["--loss-weights", "dice=nan,focal=1"], "--loss-weights"),
+    ("config-bad-yaml", TRAIN + ["--config", "{w}/bad.yaml"], "line 2"),
+    ("recipe-bad-yaml", ["recipe", "run", "{w}/bad.yaml"], "line 2"),
+    ("eval-seed-negative", EVAL + ["--data", "{w}/ds", "--seed", "-1"], "--seed"),
     ("train-empty-masks", ["train", "--data", "{w}/empty", "--out", "{w}/run", "--model", "uniultra-student-e8",
                            "--image-size", "64", "--device", "cpu"], "empty"),
     ("distill-lr-nan", DISTILL + ["--lr", "nan"], "--lr"),
@@ -394,3 +452,35 @@ def test_resume_from_a_damaged_last_pt(capsys, work, monkeypatch, command, damag
     assert _snapshot(work["w"]) == before
     assert (run / "config.json").read_text() == "{}"
     assert (run / "events.jsonl").read_text().startswith(old_events)  # the run's log only grows
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["new", "over-older-files"])
+def test_onnx_export_is_one_unit(capsys, work, monkeypatch, older):
+    """The decoder's move fails (after the encoder's succeeded): neither new file is left, files
+    of an earlier export are as they were, no temporary file stays."""
+    import uniultra.checks as checks
+
+    w = work["w"]
+    enc, dec = w / "x.onnx", w / "x.decoder.onnx"
+    if older:
+        enc.write_text("old encoder")
+        dec.write_text("old decoder")
+    real = os.replace
+
+    def replace(src, dst):  # moving the new decoder in fails (putting the older one back works)
+        if str(dst) == str(dec) and ".tmp" in str(src):
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(checks.os, "replace", replace)
+    before = _snapshot(w)
+    code = main(["export", "--model", str(work["ckpt"]), "--out", str(enc)])
+    err = capsys.readouterr().err
+    assert code == 2 and "disk is full" in err and "Traceback" not in err, err
+    assert _snapshot(w) == before
+    if older:
+        assert enc.read_text() == "old encoder" and dec.read_text() == "old decoder"
+    monkeypatch.setattr(checks.os, "replace", real)
+    assert main(["export", "--model", str(work["ckpt"]), "--out", str(enc)]) == 0  # and it works otherwise
+    assert enc.stat().st_size > 1000 and dec.stat().st_size > 1000
+    assert _snapshot(w) == before | {"x.onnx", "x.decoder.onnx"}

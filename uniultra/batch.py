@@ -745,6 +745,36 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob pattern's files lie in (its part before the first wildcard)."""
+    parts = Path(pattern).parts
+    fixed = [q for q in parts[: next(i for i, q in enumerate(parts) if _is_glob(q))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def check_outputs_spare_inputs(jobs: Sequence[ClipJob], out_dir) -> None:
+    """Refuse, before any work, an ``out_dir`` whose per-clip folders (``<out_dir>/<name>``, replaced
+    as a whole when a clip is labelled again) would hold or be an input: a clip, a folder of
+    frames, or the manifest (e.g. ``uniultra batch clips/ --out-dir clips/`` with clips/a/ a folder
+    of frames would have replaced the frames with their masks)."""
+    out_dir = Path(out_dir).resolve()
+    targets = {out_dir / j.name: j for j in jobs}
+    inputs = []
+    for j in jobs:
+        inputs.append((_glob_root(j.clip) if _is_glob(j.clip) else Path(j.clip), j))
+        if j.source:
+            inputs.append((Path(j.source), j))
+    for path, j in inputs:
+        try:
+            path = path.resolve()
+        except (OSError, RuntimeError):
+            continue
+        for target, owner in targets.items():
+            if path == target or target in path.parents:
+                raise InputError(f"--out-dir {out_dir}: the output folder of clip {owner.name!r} ({target}) would "
+                                 f"replace the input {path} (clip {j.name!r}); choose another --out-dir")
+
+
 def run_batch(jobs: Sequence[ClipJob], out_dir, load_predictor: Callable[[str | None], object],
               opts: Options | None = None, shard: tuple[int, int] = (0, 1), redo: bool = False,
               events=None, progress: bool | None = None, cancel: Callable[[], bool] | None = None,
@@ -756,6 +786,7 @@ def run_batch(jobs: Sequence[ClipJob], out_dir, load_predictor: Callable[[str | 
     clip in progress leaves nothing) if ``cancel()`` turns true or on SIGINT/SIGTERM in the caller."""
     opts = opts or Options()
     out_dir = Path(out_dir)
+    check_outputs_spare_inputs(jobs, out_dir)
     worker = worker or f"{socket.gethostname()}:{os.getpid()}"
     since = time.time() if redo else None
     mine = shard_jobs(jobs, *shard)

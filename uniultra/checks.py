@@ -67,6 +67,26 @@ def arg_number(lo: float | None = None, hi: float | None = None, lo_open: bool =
     return parse
 
 
+def image_array(image, name: str = "image"):
+    """``image`` as an array a model can take, or one line naming it (``name``: the file, the
+    CSV line or the frame): (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of a numeric dtype, at
+    least 2x2 pixels, no NaN or infinity."""
+    import numpy as np
+
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise InputError(f"{name} has shape {a.shape}: expected a 2D grey (H, W) or colour (H, W, 3) image")
+    if a.shape[0] < 2 or a.shape[1] < 2:
+        raise InputError(f"{name} is {a.shape[1]}x{a.shape[0]} pixels: it is too small to segment")
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise InputError(f"{name} has dtype {a.dtype}: expected integer or floating-point pixels")
+    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+        raise InputError(f"{name} contains NaN or infinite pixels: replace them before segmenting")
+    return a
+
+
 # ------------------------------------------------------------------------------ outputs
 def _name_max(folder: Path) -> int:
     try:
@@ -140,7 +160,9 @@ def check_output_dir(path, option: str, inputs: Iterable = ()) -> Path:
 
 class StagedFiles:
     """Write several output files as one unit: ``staged.path(final)`` gives a temporary name
-    beside ``final``; on success all are moved in, on any failure none is (the temporaries go)."""
+    beside ``final``; on success all are moved in, on any failure none is (the temporaries go).
+    Moving in is undone as a whole too: should the second move fail (disk, permissions), the
+    first file is taken out again and any file it replaced is put back."""
 
     def __init__(self):
         self.pending: list[tuple[Path, Path]] = []
@@ -154,17 +176,41 @@ class StagedFiles:
     def __enter__(self) -> StagedFiles:
         return self
 
+    def _commit(self) -> None:
+        moved: list[tuple[Path, Path | None]] = []  # (final, the older file set aside or None)
+        try:
+            for tmp, final in self.pending:
+                backup = None
+                if os.path.lexists(final):
+                    backup = final.with_name(f".{final.name}.{os.getpid()}.old")
+                    os.replace(final, backup)
+                moved.append((final, backup))
+                os.replace(tmp, final)
+        except BaseException:
+            for final, backup in reversed(moved):
+                try:
+                    if backup is not None:
+                        os.replace(backup, final)
+                    else:
+                        final.unlink()
+                except OSError:
+                    pass
+            raise
+        for _, backup in moved:
+            if backup is not None:
+                try:
+                    backup.unlink()
+                except OSError:
+                    pass
+
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
-                for tmp, final in self.pending:
-                    os.replace(tmp, final)
+                self._commit()
         finally:
             for tmp, _ in self.pending:
                 try:
                     tmp.unlink()
-                except FileNotFoundError:
-                    pass
                 except OSError:
                     pass
         return False

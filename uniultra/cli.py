@@ -121,10 +121,28 @@ def _merge_into(src: Path, dst: Path) -> None:
             f.replace(dst / f.name)
 
 
-def _image_hw(path: Path) -> tuple[int, int]:
+def _refuse_overwrite(out_dir: Path, names: Sequence[str], inputs: Sequence[Path], what: str) -> None:
+    """Refuse, before any work, outputs ``out_dir/<name>`` that would replace one of ``inputs``."""
+    resolved = {}
+    for i in inputs:
+        try:
+            resolved[Path(i).resolve()] = i
+        except (OSError, RuntimeError):
+            pass
+    for name in names:
+        hit = resolved.get((out_dir / name).resolve())
+        if hit is not None:
+            raise InputError(f"--out-dir {out_dir}: the mask {name} would overwrite the input {hit} ({what}); "
+                             "choose another --out-dir")
+
+
+def _checked_image(path, name: str):
+    """The image at ``path``, refused (naming ``name``: the option or CSV line) when a model
+    cannot take it: too small, NaN or infinite pixels, not 2D."""
+    from uniultra.checks import image_array
     from uniultra.data.io import read_image
 
-    return read_image(path).shape[:2]
+    return image_array(read_image(path), f"{name} {path}")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -189,7 +207,7 @@ def _parse_points(raw: list[list[str]] | None) -> tuple[list, list]:
 
 
 def cmd_segment(args) -> int:
-    from uniultra.data.io import overlay_png, read_image, write_mask_png
+    from uniultra.data.io import overlay_png, write_mask_png
 
     if args.prompts:
         return _segment_batch(args)
@@ -203,7 +221,7 @@ def cmd_segment(args) -> int:
         check_output_file(args.overlay, "--overlay", inputs=[args.image])
         if Path(args.overlay).resolve() == Path(args.out).resolve():
             raise InputError(f"--overlay {args.overlay}: is the same file as --out; give two names")
-    image = read_image(args.image)
+    image = _checked_image(args.image, "--image")
     predictor = _load_predictor(args)
     predictor.set_image(image)
     pred = predictor.predict(boxes=args.box or None, points=pts or None, labels=labels or None,
@@ -235,7 +253,7 @@ def _segment_batch(args) -> int:
         img = Path(r["image"])
         img = img if img.is_absolute() else csv_path.parent / img
         if img not in sizes:
-            sizes[img] = _image_hw(img)
+            sizes[img] = _checked_image(img, f"{csv_path} line {line}: image").shape[:2]
         box = check_box(_row_box(r, csv_path, line), sizes[img], f"{csv_path} line {line}: box")
         jobs[oid] = (img, box)
     inputs = {p.resolve() for p in sizes}
@@ -258,15 +276,17 @@ def _segment_batch(args) -> int:
 
 
 def cmd_propagate(args) -> int:
-    from uniultra.data.io import read_frames, read_image, write_mask_png
+    from uniultra.checks import image_array
+    from uniultra.data.io import read_frames, write_mask_png
     from uniultra.inference import propagate, propagate_memory
 
     check_output_dir(args.out_dir, "--out-dir", inputs=[args.clip, args.frames, args.prompts])
     if args.clip:
-        frames = read_frames(args.clip, axis=args.axis)
-        ids = [f"frame_{i:04d}" for i in range(len(frames))]
         if args.frame is None or not args.box:
             raise InputError("--clip needs --frame K and --box X0 Y0 X1 Y1")
+        frames = [image_array(f, f"--clip {args.clip} frame {i}")
+                  for i, f in enumerate(read_frames(args.clip, axis=args.axis))]
+        ids = [f"frame_{i:04d}" for i in range(len(frames))]
         if not (0 <= args.frame < len(frames)):
             raise InputError(f"--frame {args.frame} is outside the clip {args.clip} (frames 0..{len(frames) - 1})")
         key_boxes = {args.frame: args.box}
@@ -279,13 +299,17 @@ def cmd_propagate(args) -> int:
         if len(set(ids)) != len(ids):
             raise InputError(f"{fpath}: frame ids must be unique")
         paths = [Path(r["image"]) if Path(r["image"]).is_absolute() else fpath.parent / r["image"] for r in frows]
-        frames = [read_image(p) for p in _progress(paths, desc="read frames")]
+        frames = [_checked_image(p, f"{fpath} line {line}: image")
+                  for line, p in _progress(list(enumerate(paths, start=2)), desc="read frames")]
         index = {fid: i for i, fid in enumerate(ids)}
         key_boxes: dict[int, list] = {}
         for line, r in enumerate(_read_csv(ppath, ["id", "x0", "y0", "x1", "y1"]), start=2):
             if r["id"] not in index:
                 raise InputError(f"{ppath} line {line}: frame id {r['id']!r} is not in {fpath}")
             key_boxes.setdefault(index[r["id"]], []).append(_row_box(r, ppath, line))
+    inputs = [Path(args.clip)] if args.clip else [Path(args.frames), Path(args.prompts), *paths]
+    _refuse_overwrite(Path(args.out_dir), [f"{fid}.png" for fid in ids], inputs,
+                      "--clip" if args.clip else f"--frames {args.frames}")
     predictor = _load_predictor(args)
     engine = args.engine
     if engine == "auto":
@@ -477,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="box", choices=["box", "point", "box+points"])
     p.add_argument("--refine", action="store_true")
     p.add_argument("--clips", action="store_true", help="cine evaluation: first-frame box, propagated")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=arg_number(0, integer=True), default=0)
     p.add_argument("--limit", type=AT_LEAST_1, default=None, help="at most N images per dataset, evenly spread over the split")
     p.add_argument("--embed-cache", default=None, metavar="DIR",
                    help="reuse (and fill) a frozen encoder's embeddings in DIR (see `uniultra cache-embeddings`)")

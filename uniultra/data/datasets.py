@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from uniultra.checks import image_array
 from uniultra.data import prompts as P
 from uniultra.data.io import read_image, read_mask
 from uniultra.data.transforms import (
@@ -159,7 +160,7 @@ class UniformDataset:
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         r = self.records[i]
-        img = read_image(r.image)
+        img = image_array(read_image(r.image), f"image '{r.image}'")
         if r.mask is None:
             return img, np.zeros(img.shape[:2], np.uint8)
         m = read_mask(r.mask)

@@ -108,6 +108,14 @@ def read_itk(path) -> tuple[np.ndarray, dict]:
         raise InputError(f"cannot read '{p}': {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
                          f"is it a valid NRRD/NIfTI/MHA file?") from e
     a = sitk.GetArrayFromImage(img)
+    if a.dtype.kind == "f" and _ext(p) in (".nii", ".nii.gz"):
+        bad = _nifti_nonfinite(p)
+        if bad is not None:  # ITK reads NaN/infinity in NIfTI as 0; keep them, as for NRRD
+            a = a.copy()
+            if bad.size == a.size:
+                a.reshape(-1)[bad.reshape(-1)] = np.nan
+            else:
+                a[...] = np.nan
     info = {
         "spacing": tuple(img.GetSpacing()),
         "origin": tuple(img.GetOrigin()),
@@ -115,6 +123,40 @@ def read_itk(path) -> tuple[np.ndarray, dict]:
         "components": img.GetNumberOfComponentsPerPixel(),
     }
     return a, info
+
+
+def _nifti_nonfinite(p: Path) -> np.ndarray | None:
+    """Where a float NIfTI-1/2 file holds NaN or infinity (a bool array in file order), or None
+    when it holds none (or the header is not one this reads: ITK's values stand then)."""
+    import struct
+
+    try:
+        with (gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")) as f:
+            head = f.read(540)
+            for end in "<>":
+                size = struct.unpack(end + "i", head[:4])[0]
+                if size in (348, 540):
+                    break
+            else:
+                return None
+            if size == 348:
+                dims = struct.unpack(end + "8h", head[40:56])
+                code = struct.unpack(end + "h", head[70:72])[0]
+                offset = int(struct.unpack(end + "f", head[108:112])[0])
+            else:
+                code = struct.unpack(end + "h", head[12:14])[0]
+                dims = struct.unpack(end + "8q", head[16:80])
+                offset = struct.unpack(end + "q", head[168:176])[0]
+            dtype = {16: "f4", 64: "f8"}.get(code)
+            if dtype is None or not 1 <= dims[0] <= 7:
+                return None
+            n = int(np.prod([max(1, d) for d in dims[1: dims[0] + 1]]))
+            f.seek(max(offset, size))
+            raw = np.frombuffer(f.read(n * int(dtype[1])), dtype=end + dtype)
+    except (OSError, EOFError, struct.error, ValueError):
+        return None
+    bad = ~np.isfinite(raw)
+    return bad if bad.any() else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from uniultra.checks import StagedFiles
 from uniultra.data.transforms import box_to_model, image_to_model_coords, to_model_input, upsample_logits
 from uniultra.errors import InputError
 from uniultra.inference.predictor import check_box, check_image
@@ -70,7 +71,8 @@ def decoder_path(out: str | Path) -> Path:
 
 
 def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
-    """Write the encoder to ``out`` and the decoder beside it; both written atomically."""
+    """Write the encoder to ``out`` and the decoder beside it, as one unit: a failure at any point
+    (the export, the disk, the second move) leaves neither new file and the older ones as they were."""
     single = _single_embedding(model)
     if not single and not model.sam.use_high_res_features_in_sam:
         raise InputError(f"model {model.name} has no high-resolution decoder features; ONNX export needs them")
@@ -88,8 +90,8 @@ def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
     else:
         decoder, dec_inputs, feat_names = _Decoder(model), (*feats, coords, labels), ["image_embed", "feat_s0", "feat_s1"]
     dec_out = decoder_path(out)
-    tmp_enc, tmp_dec = out.with_name(f".{out.name}.tmp"), dec_out.with_name(f".{dec_out.name}.tmp")
-    try:
+    with StagedFiles() as staged:  # encoder and decoder: both or neither (older files kept on failure)
+        tmp_enc, tmp_dec = staged.path(out), staged.path(dec_out)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(_Encoder(model), (image,), str(tmp_enc), dynamo=False, opset_version=opset,
@@ -99,16 +101,16 @@ def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
                               input_names=feat_names + ["point_coords", "point_labels"],
                               output_names=["logits", "iou"],
                               dynamic_axes={"point_coords": {1: "points"}, "point_labels": {1: "points"}})
-        tmp_enc.replace(out)
-        tmp_dec.replace(dec_out)
-    finally:
-        tmp_enc.unlink(missing_ok=True)
-        tmp_dec.unlink(missing_ok=True)
     return out, dec_out
 
 
 class OnnxPredictor:
-    """The Predictor's interface on onnxruntime (CPU), for machines without PyTorch."""
+    """The exported graphs run on onnxruntime (CPU), with the Predictor's own pre- and
+    post-processing (``to_model_input``, ``upsample_logits``: these need torch, so this is not a
+    PyTorch-free runtime).  One image and one prompt set at a time: ``set_image``, then
+    ``predict_logits`` (low-resolution logits and score, what the parity tests compare with the
+    Predictor) or ``predict`` (one mask at image size and its score).  No command uses it; it is
+    the reference for running the exported files elsewhere and for the parity tests."""
 
     def __init__(self, encoder_path: str | Path, image_size: int):
         import onnxruntime as ort

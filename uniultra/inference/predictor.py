@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from uniultra.checks import image_array
 from uniultra.data.transforms import box_to_model, image_to_model_coords, to_model_input, upsample_logits
 from uniultra.device import pick_device  # noqa: F401  (re-exported: uniultra.inference.pick_device)
 from uniultra.errors import InputError
@@ -29,19 +30,9 @@ DEFAULT_MODEL = "uniultra-mini-us"
 
 
 def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays of any numeric dtype."""
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
-        raise InputError(f"{name} has shape {a.shape}: expected a 2D grey (H, W) or colour (H, W, 3) image")
-    if a.shape[0] < 2 or a.shape[1] < 2:
-        raise InputError(f"{name} is {a.shape[1]}x{a.shape[0]} pixels: it is too small to segment")
-    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        raise InputError(f"{name} has dtype {a.dtype}: expected integer or floating-point pixels")
-    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-        raise InputError(f"{name} contains NaN or infinite pixels: replace them before segmenting")
-    return a
+    """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays of any numeric dtype, at least 2x2,
+    finite (:func:`uniultra.checks.image_array`; ``name`` goes into the message)."""
+    return image_array(image, name)
 
 
 def check_box(box, hw: tuple[int, int], name: str = "box") -> tuple[int, int, int, int]:

@@ -128,7 +128,7 @@ class RunConfig:
         for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)):
             if getattr(self, key) not in allowed:
                 raise _bad(key, getattr(self, key), f"use one of {', '.join(allowed)}")
-        for key in ("num_workers", "warmup_steps", "val_every", "patience", "checkpoint_every"):
+        for key in ("num_workers", "warmup_steps", "val_every", "patience", "checkpoint_every", "seed", "val_seed"):
             if getattr(self, key) < 0:
                 raise _bad(key, getattr(self, key), "give 0 or more")
         check_finite(self)
@@ -262,7 +262,10 @@ class LossWeights:
             key = key.strip().lower()
             if not sep or key not in ("dice", "focal", "bce", "iou"):
                 raise ValueError(f"loss weights {text!r}: expected e.g. 'dice=1,focal=20,iou=1'")
-            setattr(w, key, float(val))
+            v = float(val)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"loss weights {text!r}: {key} must be a finite number of 0 or more")
+            setattr(w, key, v)
         if w.dice + w.focal + w.bce <= 0:
             raise ValueError(f"loss weights {text!r}: dice, focal or bce must be positive")
         return w
@@ -277,6 +280,7 @@ def load_config(cls, recipe: str | Path | None = None, options: dict | None = No
     """``cls`` (TrainConfig/DistillConfig) from a recipe file, then ``options`` (command-line
     options that were given), then ``key=value`` overrides; later ones win.  Raises InputError
     naming the file or key for unknown keys, wrong types and missing values."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -309,6 +313,12 @@ def load_config(cls, recipe: str | Path | None = None, options: dict | None = No
     except OmegaConfBaseException as e:
         where = f"{recipe}: " if recipe else ""
         raise InputError(f"{where}{str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        from uniultra.training.recipe import _yaml_where
+
+        raise InputError(f"--config {recipe}: not valid YAML ({_yaml_where(e)})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--config {recipe}: not UTF-8 text; save it as UTF-8") from None
     return cls(**values)
 
 

@@ -48,6 +48,7 @@ def _register_resolvers() -> None:
 
 def load(path: str | Path, overrides=()):
     """The pipeline as an OmegaConf object (stage folders filled in, not yet resolved)."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -77,7 +78,18 @@ def load(path: str | Path, overrides=()):
                 stage.config = str((p.parent / str(stage.config)).resolve())
     except OmegaConfBaseException as e:
         raise InputError(f"recipe {path}: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:  # a syntax error: where it is, in one line
+        raise InputError(f"recipe {path}: not valid YAML ({_yaml_where(e)})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"recipe {path}: not UTF-8 text; save it as UTF-8") from None
     return cfg
+
+
+def _yaml_where(e) -> str:
+    """``line L, column C: problem`` of a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _resolved(node) -> dict:
