@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError, require_node
+
 # A view is "aligned" with a volume axis when the angle between them is below ~0.5 degree.
 ALIGN_TOLERANCE = 1e-4
 
@@ -81,9 +83,10 @@ def volume_array(volume_node) -> np.ndarray:
     """Voxels of a scalar or vector volume as a numpy view, shape (K, J, I) or (K, J, I, C)."""
     from vtk.util import numpy_support
 
+    require_node(volume_node, "vtkMRMLVolumeNode", "volume")
     image = volume_node.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None:
-        raise ValueError(f"volume '{volume_node.GetName()}' has no image data: load an image first")
+        raise InputError(f"volume '{volume_node.GetName()}' has no image data: load an image first")
     dims = image.GetDimensions()
     ncomp = image.GetNumberOfScalarComponents()
     arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
@@ -102,6 +105,8 @@ def volume_node(arr: np.ndarray, ijk_to_ras: np.ndarray | None = None, name: str
     from vtk.util import numpy_support
 
     arr = np.ascontiguousarray(arr)
+    if arr.ndim not in (3, 4) or 0 in arr.shape:
+        raise InputError(f"voxels of shape {arr.shape}: give a non-empty (K, J, I) or (K, J, I, C) array")
     rgb = arr.ndim == 4 if rgb is None else rgb
     node = slicer.vtkMRMLVectorVolumeNode() if rgb else slicer.vtkMRMLScalarVolumeNode()
     node.SetName(name)
@@ -247,13 +252,16 @@ def slice_geometry(volume_node, slice_to_ras, slice_offset: float | None = None)
     for the user when the view is oblique to the volume, shows a single-slice image edge-on,
     or lies outside the volume.
     """
+    require_node(volume_node, "vtkMRMLVolumeNode", "volume")
     if not isinstance(slice_to_ras, np.ndarray):
         slice_to_ras = vtk_matrix_to_numpy(slice_to_ras)
     s2r = np.asarray(slice_to_ras, float)
+    if s2r.shape != (4, 4) or not np.isfinite(s2r).all() or abs(np.linalg.det(s2r[:3, :3])) < 1e-12:
+        raise InputError("the view's SliceToRAS is not a finite, invertible 4x4 matrix: reset the slice view")
     name = volume_node.GetName() or "volume"
     image = volume_node.GetImageData()
     if image is None:
-        raise ValueError(f"volume '{name}' has no image data: load an image first")
+        raise InputError(f"volume '{name}' has no image data: load an image first")
     dims = tuple(int(d) for d in image.GetDimensions())
     m = world_ijk_to_ras(volume_node)
     a3 = m[:3, :3]
@@ -308,4 +316,8 @@ def slice_geometry(volume_node, slice_to_ras, slice_offset: float | None = None)
 
 def extract_frame(volume_node, geometry: SliceGeometry, index: int | None = None) -> np.ndarray:
     """The 2D frame (H, W) or (H, W, C) a view shows, as a copy."""
+    if index is not None:
+        n = geometry.dims[geometry.axis]
+        if not 0 <= int(index) < n:
+            raise InputError(f"slice {index} is outside volume '{volume_node.GetName()}' (slices 0..{n - 1})")
     return geometry.frame_from_array(volume_array(volume_node), index)

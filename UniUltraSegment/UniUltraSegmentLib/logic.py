@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .context import MRMLContext, create_context, slicer_app_context  # noqa: F401  (re-exported)
+from .errors import InputError, finite_numbers, require_image
 from .geometry import SliceGeometry, extract_frame, slice_geometry, volume_array
 from .sequences import Cine, find_cine
 
@@ -31,7 +32,8 @@ class ViewTarget:
     @classmethod
     def from_view(cls, ctx: MRMLContext, volume_node, slice_to_ras, slice_offset: float | None = None):
         if volume_node is None:
-            raise ValueError("no source volume: select the image to segment in the Segment Editor")
+            raise InputError("no source volume: select the image to segment in the Segment Editor")
+        require_image(volume_node, "source volume")
         geometry = slice_geometry(volume_node, slice_to_ras, slice_offset)
         cine = find_cine(ctx, volume_node)
         frame = cine.current_frame if cine is not None and cine.num_frames > 1 else 0
@@ -60,11 +62,11 @@ class ViewTarget:
 
 
 def validate_box(box, shape) -> Box:
-    """A box inside the frame with x1 >= x0, y1 >= y0, or a ValueError that says what is wrong."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    """A box inside the frame with x1 >= x0, y1 >= y0, or an InputError that says what is wrong."""
+    x0, y0, x1, y1 = (int(round(v)) for v in finite_numbers(box, 4, "box"))
     h, w = shape[:2]
     if x1 < x0 or y1 < y0:
-        raise ValueError(f"box {tuple(box)} is empty: x1 must be >= x0 and y1 >= y0")
+        raise InputError(f"box {tuple(box)} is empty: x1 must be >= x0 and y1 >= y0")
     if x1 < 0 or y1 < 0 or x0 >= w or y0 >= h:
-        raise ValueError(f"box {tuple(box)} is outside the {w}x{h} image: draw it on the image")
+        raise InputError(f"box {tuple(box)} is outside the {w}x{h} image: draw it on the image")
     return (max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1))

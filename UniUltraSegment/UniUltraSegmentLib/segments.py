@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .errors import InputError, require_image, require_node
 from .geometry import SliceGeometry, ijk_to_ras_of, numpy_to_vtk_matrix
 
 MASK_MODES = {
@@ -85,9 +86,11 @@ def segment_array(seg_node, segment_id: str, volume_node) -> np.ndarray:
     import slicer
     from vtk.util import numpy_support
 
+    require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation")
+    require_image(volume_node, "reference volume")
     segment = seg_node.GetSegmentation().GetSegment(segment_id)
     if segment is None:
-        raise ValueError(f"segment '{segment_id}' is not in segmentation '{seg_node.GetName()}'")
+        raise InputError(f"segment '{segment_id}' is not in segmentation '{seg_node.GetName()}'")
     dims = volume_node.GetImageData().GetDimensions()
     labelmap = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg_node, segment_id, labelmap)
@@ -113,6 +116,9 @@ def segment_frame(seg_node, segment_id: str, volume_node, geometry: SliceGeometr
 
 def get_or_add_segment(seg_node, name: str, color=None) -> str:
     """ID of the segment named `name`, adding an empty one if there is none (no stray duplicates)."""
+    require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation")
+    if not str(name or "").strip():
+        raise InputError("segment name is empty: give the segment a name")
     segmentation = seg_node.GetSegmentation()
     sid = segmentation.GetSegmentIdBySegmentName(name)
     if sid:
@@ -126,6 +132,7 @@ def create_segmentation_for(ctx, volume_node, name: str | None = None):
     """A segmentation node with its display nodes, geometry taken from `volume_node`."""
     import slicer
 
+    require_image(volume_node, "reference volume of the new segmentation")
     seg = slicer.vtkMRMLSegmentationNode()
     seg.SetName(name or f"{volume_node.GetName()} segmentation")
     ctx.scene.AddNode(seg)

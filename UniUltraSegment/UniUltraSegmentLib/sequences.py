@@ -18,6 +18,7 @@ import numpy as np
 from uniultra.data.dicom import DicomCine, read_dicom_cine  # noqa: F401  (the engine's reader)
 from uniultra.fileio import atomic_write
 
+from .errors import InputError, output_folder, require_node
 from .geometry import SliceGeometry, volume_array, volume_node
 from .segments import get_or_add_segment, segment_frame, write_masks
 
@@ -29,6 +30,8 @@ def volume_from_frame(frame: np.ndarray, spacing=(1.0, 1.0), name: str = "frame"
     Red (axial) view.  RGB frames become vector volumes.
     """
     frame = np.asarray(frame)
+    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] not in (3, 4)) or 0 in frame.shape:
+        raise InputError(f"frame of shape {frame.shape}: give a (H, W) grey or (H, W, 3) colour image")
     return volume_node(frame[None], np.diag([-float(spacing[0]), -float(spacing[1]), 1.0, 1.0]), name,
                        rgb=frame.ndim == 3)
 
@@ -71,8 +74,11 @@ def create_cine(
     """Put frames (N, H, W[, 3]) into a new sequence + browser; the proxy shows frame 0."""
     import slicer
 
-    if len(frames) == 0:
-        raise ValueError("no frames: a cine needs at least one frame")
+    if frames is None or len(frames) == 0:
+        raise InputError("no frames: a cine needs at least one frame")
+    shapes = {np.shape(f) for f in frames}
+    if len(shapes) > 1:
+        raise InputError(f"frames of different sizes {sorted(shapes)[:3]}: every frame of a cine has one size")
     seq = slicer.vtkMRMLSequenceNode()
     seq.SetName(name)
     seq.SetIndexName("time")
@@ -117,6 +123,8 @@ def find_cine(ctx, volume_node) -> Cine | None:
 
 
 def load_dicom_cine(ctx, path: str | os.PathLike, name: str | None = None) -> Cine:
+    """A (multi-frame) ultrasound DICOM file into a new sequence + browser."""
+    _readable(path, "DICOM")
     d = read_dicom_cine(path)
     return create_cine(ctx, d.frames, d.spacing, d.frame_time_s, name or Path(path).stem)
 
@@ -125,7 +133,7 @@ def load_sequence_file(ctx, path: str | os.PathLike, name: str | None = None) ->
     """A `.seq.nrrd` volume sequence into a new sequence + browser."""
     import slicer
 
-    path = str(path)
+    path = str(_readable(path, ".seq.nrrd"))
     seq = slicer.vtkMRMLSequenceNode()
     seq.SetName(name or Path(path).name.split(".")[0])
     ctx.scene.AddNode(seq)
@@ -135,7 +143,7 @@ def load_sequence_file(ctx, path: str | os.PathLike, name: str | None = None) ->
     if not storage.ReadData(seq) or seq.GetNumberOfDataNodes() == 0:
         ctx.scene.RemoveNode(storage)
         ctx.scene.RemoveNode(seq)
-        raise ValueError(f"'{path}' could not be read as a volume sequence (.seq.nrrd)")
+        raise InputError(f"'{path}' could not be read as a volume sequence (.seq.nrrd)")
     seq.SetAndObserveStorageNodeID(storage.GetID())
     return browse(ctx, seq, seq.GetName())
 
@@ -145,20 +153,37 @@ def save_sequence_file(ctx, sequence, path: str | os.PathLike) -> None:
     import slicer
 
     path = Path(path)
+    require_node(sequence, "vtkMRMLSequenceNode", "sequence to save")
     storage = slicer.vtkMRMLVolumeSequenceStorageNode()
     _write_storage(storage, sequence, path)
 
 
+def _readable(path, kind: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"cannot read {kind} '{p}': file not found; check the path")
+    if p.is_dir():
+        raise InputError(f"cannot read {kind} '{p}': it is a folder; choose a file")
+    return p
+
+
 def _write_storage(storage, node, path: Path) -> None:
     """Write ``node`` through an MRML storage node, atomically (VTK picks the writer from the file
-    name, so the temporary file keeps the extension; WriteData returns 0 on failure)."""
+    name, so the temporary file keeps the extension; WriteData returns 0 on failure).  A path that
+    cannot be written is an InputError naming it."""
+    from uniultra.checks import check_output_file
+
+    check_output_file(path, "output file")
 
     def write(tmp: str) -> None:
         storage.SetFileName(tmp)
         if not storage.WriteData(node):
             raise OSError(f"could not write '{path}'")
 
-    atomic_write(path, write, keep_ext=True)
+    try:
+        atomic_write(path, write, keep_ext=True)
+    except OSError as e:
+        raise InputError(f"could not write '{path}': {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------- .seg.nrrd round trip
@@ -168,6 +193,7 @@ def save_segmentation(seg_node, path: str | os.PathLike) -> None:
     """Write a segmentation node to `.seg.nrrd` (atomically)."""
     import slicer
 
+    require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation to save")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     _write_storage(storage, seg_node, Path(path))
 
@@ -176,6 +202,7 @@ def load_segmentation(ctx, path: str | os.PathLike, name: str | None = None):
     """A `.seg.nrrd` file into a new segmentation node in the scene."""
     import slicer
 
+    _readable(path, ".seg.nrrd")
     seg = slicer.vtkMRMLSegmentationNode()
     seg.SetName(name or Path(path).name.split(".")[0])
     ctx.scene.AddNode(seg)
@@ -185,7 +212,7 @@ def load_segmentation(ctx, path: str | os.PathLike, name: str | None = None):
     if not storage.ReadData(seg):
         ctx.scene.RemoveNode(seg)
         ctx.scene.RemoveNode(storage)
-        raise ValueError(f"'{path}' could not be read as a segmentation (.seg.nrrd)")
+        raise InputError(f"'{path}' could not be read as a segmentation (.seg.nrrd)")
     seg.SetAndObserveStorageNodeID(storage.GetID())
     seg.CreateDefaultDisplayNodes()
     return seg
@@ -205,6 +232,10 @@ def ensure_segmentation_sequence(ctx, cine: Cine, seg_node=None, segment_name: s
     """
     import slicer
 
+    if not isinstance(cine, Cine):
+        raise InputError("no cine: select a sequence proxy volume (a cine loop) first")
+    if seg_node is not None:
+        require_node(seg_node, "vtkMRMLSegmentationNode", "segmentation")
     browser = cine.browser
     if seg_node is not None and browser.GetSequenceNode(seg_node) is not None:
         seg_seq = browser.GetSequenceNode(seg_node)
@@ -325,7 +356,7 @@ def write_cine_masks(
 
 def cine_frame_masks(cine: Cine, proxy_seg, segment_id: str, geometry: SliceGeometry) -> list[np.ndarray]:
     """Each frame's mask of a segment, (H, W) bool, read from the segmentation sequence."""
-    seg_seq = cine.browser.GetSequenceNode(proxy_seg)
+    seg_seq = _frame_segmentations(cine, proxy_seg)
     out = []
     for i in range(cine.num_frames):
         item = seg_seq.GetDataNodeAtValue(cine.sequence.GetNthIndexValue(i))
@@ -343,23 +374,51 @@ def export_frame_masks_png(
     """One PNG (0/255, frame pixels as displayed) per frame; files written atomically."""
     from PIL import Image
 
-    folder = Path(folder)
-    paths = []
-    for i, mask in enumerate(cine_frame_masks(cine, proxy_seg, segment_id, geometry)):
-        p = folder / f"{prefix}_{i:04d}.png"
-        atomic_write(p, lambda tmp, m=mask: Image.fromarray((m * 255).astype(np.uint8)).save(tmp, format="PNG"))
-        paths.append(p)
+    from uniultra.checks import StagedFiles
+
+    seg_seq = _frame_segmentations(cine, proxy_seg)
+    if not any(seg_seq.GetNthDataNode(i).GetSegmentation().GetSegment(segment_id) is not None
+               for i in range(seg_seq.GetNumberOfDataNodes())):
+        raise InputError(f"segment '{segment_id}' is in no frame of '{proxy_seg.GetName()}': choose a segment")
+    folder = output_folder(folder)
+    masks = cine_frame_masks(cine, proxy_seg, segment_id, geometry)
+    paths = [folder / f"{prefix}_{i:04d}.png" for i in range(len(masks))]
+    with StagedFiles() as staged:  # every frame or none
+        for p, m in zip(paths, masks):
+            Image.fromarray((m * 255).astype(np.uint8)).save(staged.path(p), format="PNG")
     return paths
 
 
-def export_frame_masks_seg_nrrd(cine: Cine, proxy_seg, folder: str | os.PathLike, prefix: str = "frame") -> list[Path]:
-    """One `.seg.nrrd` per frame (all segments, the frame's own geometry)."""
+def _frame_segmentations(cine: Cine, proxy_seg):
+    """The segmentation sequence of ``proxy_seg`` in the cine's browser, or an InputError."""
+    if not isinstance(cine, Cine):
+        raise InputError("no cine: select a sequence proxy volume (a cine loop) first")
+    require_node(proxy_seg, "vtkMRMLSegmentationNode", "segmentation")
     seg_seq = cine.browser.GetSequenceNode(proxy_seg)
-    folder = Path(folder)
-    paths = []
-    for i in range(cine.num_frames):
-        item = seg_seq.GetDataNodeAtValue(cine.sequence.GetNthIndexValue(i))
-        p = folder / f"{prefix}_{i:04d}.seg.nrrd"
-        save_segmentation(item, p)
-        paths.append(p)
+    if seg_seq is None:
+        raise InputError(f"segmentation '{proxy_seg.GetName()}' has no per-frame masks in cine "
+                         f"'{cine.proxy.GetName() if cine.proxy is not None else cine.sequence.GetName()}': "
+                         "propagate or apply on the cine first")
+    return seg_seq
+
+
+def export_frame_masks_seg_nrrd(cine: Cine, proxy_seg, folder: str | os.PathLike, prefix: str = "frame") -> list[Path]:
+    """One `.seg.nrrd` per frame (all segments, the frame's own geometry); every frame or none."""
+    import shutil
+    import tempfile
+
+    seg_seq = _frame_segmentations(cine, proxy_seg)
+    folder = output_folder(folder)
+    paths = [folder / f"{prefix}_{i:04d}.seg.nrrd" for i in range(cine.num_frames)]
+    stage = Path(tempfile.mkdtemp(prefix=".export.", dir=folder))
+    try:
+        for i, p in enumerate(paths):
+            item = seg_seq.GetDataNodeAtValue(cine.sequence.GetNthIndexValue(i))
+            if item is None:
+                raise InputError(f"frame {i} of cine '{cine.sequence.GetName()}' has no segmentation item")
+            save_segmentation(item, stage / p.name)
+        for p in paths:
+            os.replace(stage / p.name, p)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return paths
