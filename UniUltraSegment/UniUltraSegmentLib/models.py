@@ -16,13 +16,16 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from uniultra.errors import Cancelled
+
 from .engine import _add_source_tree_engine
 
 CHUNK = 1 << 16
 
 
-class DownloadCancelled(Exception):
-    """The user cancelled a download; the partial file has been removed."""
+class DownloadCancelled(Cancelled):
+    """The user cancelled a download; the partial file has been removed (the engine's one
+    cancellation exception, :class:`uniultra.errors.Cancelled`, under the name the panel uses)."""
 
 
 def registry():
