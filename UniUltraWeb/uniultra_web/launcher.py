@@ -7,12 +7,13 @@ trame serves every browser tab of one process from the same scene, so each user 
 writes a wslink launcher configuration (<session folder>/launcher.json) and runs
 `python -m wslink.launcher` on it.  A client asks for a session with
 
-    POST http://127.0.0.1:9000/uniultra   {"application": "uniultra"}
+    POST http://127.0.0.1:9000/uniultra/   {"application": "uniultra"}
 
 and gets {"id", "host", "port", "secret", "sessionURL"}: a new `uniultra web DATA_FOLDER --port PORT
 --token SECRET --timeout 300` process (a fresh random secret each), ready when it printed its
 ready line; the user opens http://host:PORT/?secret=SECRET.  A process stops 300 s after its
-last browser left (or DELETE /uniultra/<id>).  Put TLS and authentication in front (reverse proxy).
+last browser left (or DELETE /uniultra/<id> when the launcher runs with
+WSLINK_LAUNCHER_DELETE=1).  Put TLS and authentication in front (reverse proxy).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def launcher_config(data: str | Path, *, port: int = 9000, ports=(9001, 9010), h
             "port": port,
             "endpoint": "uniultra",
             "log_dir": str(log_dir),
+            "proxy_file": str(Path(log_dir) / "proxy-mapping.txt"),  # session id -> host:port (for a reverse proxy)
             "timeout": 240,  # seconds to wait for the ready line (model load on a busy CPU)
             "fields": ["host", "port", "secret", "id"],
             "sessionURL": "ws://${host}:${port}/ws",
