@@ -81,6 +81,7 @@ def work(tmp_path, ckpt, bad_ckpts):
     _dataset(w / "frame", "id,split,clip,frame\na,test,c1,zero\nb,test,c1,1\n")
     _dataset(w / "empty", "id,split\na,train\nb,train\n", masks="empty")
     _dataset(w / "tr", "id,split\na,train\nb,val\n")
+    _dataset(w / "emptytest", masks="empty")
     # bad pixels: NaN in NIfTI (ITK reads it as 0) and NRRD, a 1x1 image, a NaN volume
     nan = np.random.default_rng(0).random((48, 64)).astype(np.float32) * 100
     nan[5, 5] = np.nan
@@ -265,6 +266,7 @@ CASES = [
     ("split-unknown", EVAL + ["--data", "{w}/ds", "--split", "nosuch"], "--split"),
     ("clips-without-clips", EVAL + ["--data", "{w}/ds", "--clips"], "clips"),
     ("eval-no-masks", EVAL + ["--data", "{w}/nomask"], "mask"),
+    ("eval-all-masks-empty", EVAL + ["--data", "{w}/emptytest"], "every mask"),
     ("split-latin1", EVAL + ["--data", "{w}/latin"], "UTF-8"),
     ("split-header", EVAL + ["--data", "{w}/header"], "id"),
     ("split-frame", EVAL + ["--data", "{w}/frame"], "frame"),

@@ -203,6 +203,10 @@ def evaluate_dataset(segment_fn: Callable, root, split: str = "test", jitter: fl
             if out_dir is not None:
                 cases.append((row["dice"], i, boxes, [p.points for p in prs], [p.labels for p in prs]))
             report(i + 1, n, f"evaluating {ds.name}")
+        if rows and not any(r["n_instances"] for r in rows):  # every score would be 1.0 (empty vs empty)
+            raise InputError(f"--split {split}: every mask of the {len(rows)} image(s) of dataset {ds.root} is empty"
+                             f"{' (or smaller than min_area_frac)' if min_area_frac > 0 else ''}; "
+                             "there is nothing to score (check masks/)")
         mp = coco_map(gt_inst, pred_inst)
         hd = [r["hd95"] for r in rows]
         summary = {
