@@ -303,7 +303,7 @@ class DistillTask(Task):
             result["student"] = result["model"]
 
     def close(self) -> None:
-        for tap in self.taps:
+        for tap in getattr(self, "taps", []):  # none when the run was refused before setup
             tap.remove()
         self.taps = []
 
