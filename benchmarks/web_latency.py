@@ -98,7 +98,7 @@ def main() -> int:
             (ax, ay), (bx, by) = frame_to_page(page, x0, y0), frame_to_page(page, x1, y1)
             rx, ry, rw, rh = min(ax, bx), min(ay, by), abs(bx - ax), abs(by - ay)
             page.evaluate(WATCH_JS, [rx, ry, rw, rh, args.threshold])
-            lat = []
+            lat, server_ms = [], []
             for i in range(args.n):
                 page.wait_for_timeout(300)
                 page.evaluate("() => window.__W.reset()")
@@ -109,10 +109,12 @@ def main() -> int:
                 page.wait_for_function("() => window.__W.visibleAt !== null", timeout=30000)
                 w = page.evaluate("() => ({up: window.__W.upAt, vis: window.__W.visibleAt})")
                 lat.append((w["vis"] - w["up"]) / 1000)
+                wait_state(page, "s('can_apply')")
+                server_ms.append(page.evaluate("() => window.trame.state.get('predict_ms')"))
                 page.locator("#btn-cancel").click()
                 wait_state(page, "!s('can_apply')")
                 page.wait_for_function("() => window.__W.diff() < 1.0", timeout=30000)
-                print(f"box {i + 1}/{args.n}: {lat[-1] * 1000:.0f} ms", flush=True)
+                print(f"box {i + 1}/{args.n}: {lat[-1] * 1000:.0f} ms (server {server_ms[-1]} ms)", flush=True)
             browser.close()
         rss_end = srv.rss_mb()
     finally:
@@ -122,6 +124,8 @@ def main() -> int:
         "n": args.n,
         "latency_s": {"median": statistics.median(lat), "min": min(lat), "max": max(lat),
                       "p90": sorted(lat)[int(0.9 * (len(lat) - 1))], "all": [round(v, 4) for v in lat]},
+        "server_release_ms": {"median": statistics.median(server_ms), "all": server_ms,
+                              "what": "server time from mouse-up event to preview node written (predict + preview)"},
         "server_start_s": round(start_s, 1),
         "session_rss_mb": {"after_start": round(rss_start), "after_boxes": round(rss_end)},
         "image": Path(args.image).name, "box": args.box, "model": "uniultra-mini-us",
@@ -130,7 +134,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "web_latency.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("latency_s", "server_start_s", "session_rss_mb", "machine")}, indent=2))
+    print(json.dumps({k: res[k] for k in ("latency_s", "server_release_ms", "server_start_s", "session_rss_mb", "machine")}, indent=2))
     return 0
 
 

@@ -279,7 +279,8 @@ def test_launcher_two_sessions(chromium, data_folder, tmp_path):
 
     port, p1 = free_port(), free_port()
     ports = (p1, p1 + 1)
-    cfg = launcher_config(data_folder, port=port, ports=ports, log_dir=tmp_path, python=sys.executable, timeout_s=60)
+    cfg = launcher_config(data_folder, port=port, ports=ports, log_dir=tmp_path, python=sys.executable,
+                          timeout_s=900)  # stays up while the second session starts on a busy machine
     (tmp_path / "launcher.json").write_text(json.dumps(cfg))
     launcher = subprocess.Popen([sys.executable, "-m", "wslink.launcher", str(tmp_path / "launcher.json")], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

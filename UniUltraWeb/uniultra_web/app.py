@@ -137,6 +137,7 @@ class UniUltraWebApp(TrameApp):
         s.flush()
 
     def _on_effect_reply(self, reply: Reply):
+        self.state.predict_ms = int(self.session.last_release_ms)
         self._refresh(reply)
 
     # ------------------------------------------------------------------ UI

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,6 +152,7 @@ class WebSession:
         self.controller: InteractionController | None = None
         self._redo_prompts: list[tuple[object, Prompt]] = []
         self._baseline: set | None = None
+        self.last_release_ms = 0.0
         self.last_error = ""
 
     # ------------------------------------------------------------------ engine
@@ -327,7 +329,9 @@ class WebSession:
         if self.controller is None:
             return Reply()
         before = len(self.controller.prompts())
+        t0 = time.perf_counter()
         reply = self._recorded(lambda: self.controller.release(self._event(slice_node, xy)), "Box")
+        self.last_release_ms = 1000 * (time.perf_counter() - t0)  # prediction + preview, on the server
         if len(self.controller.prompts()) > before:
             self._redo_prompts.clear()
         return reply
