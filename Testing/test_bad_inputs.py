@@ -106,6 +106,8 @@ def work(tmp_path, ckpt, bad_ckpts):
     (w / "clips" / "a").mkdir(parents=True)
     for k in range(2):
         _png(w / "clips" / "a" / f"{k}.png", seed=k)
+    (w / "oldrun").mkdir()
+    (w / "oldrun" / "last.pt").write_bytes(b"an earlier run")
     (w / "bad.yaml").write_text("lr: [1, 2\n  epochs: : x\n")
     (w / "bprompts.csv").write_text("clip,frame,structure,x0,y0,x1,y1\n*,0,obj,5,5,30,30\n")
     (w / "dec.onnx").mkdir()  # a folder where the decoder of --out enc.onnx would go: enc.decoder.onnx
@@ -295,6 +297,8 @@ CASES = [
     ("train-out-is-file", TRAIN + ["--out", "{w}/file.txt"], "--out"),
     ("train-events-under-file", TRAIN + ["--events", "{w}/file.txt/ev.jsonl"], "--events"),
     ("distill-out-under-file", DISTILL + ["--out", "{w}/file.txt/run"], "file.txt"),
+    ("distill-over-a-run", DISTILL + ["--out", "{w}/oldrun"], "already holds a run"),
+    ("train-over-a-run", TRAIN + ["--out", "{w}/oldrun"], "already holds a run"),
     ("seed-negative", TRAIN + ["--seed", "-1"], "--seed"),
     ("loss-weights-nan", TRAIN + ["--loss-weights", "dice=nan,focal=1"], "--loss-weights"),
     ("config-bad-yaml", TRAIN + ["--config", "{w}/bad.yaml"], "line 2"),
@@ -489,3 +493,22 @@ def test_onnx_export_is_one_unit(capsys, work, monkeypatch, older):
     assert main(["export", "--model", str(work["ckpt"]), "--out", str(enc)]) == 0  # and it works otherwise
     assert enc.stat().st_size > 1000 and dec.stat().st_size > 1000
     assert _snapshot(w) == before | {"x.onnx", "x.decoder.onnx"}
+
+
+def test_a_batch_without_objects_trains_on():
+    """Some masks of a dataset may be empty (a dataset with all-empty masks is refused): a batch
+    drawn only from empty ones gives a zero loss that backpropagates, not a reshape error."""
+    from uniultra.training.config import LossWeights
+    from uniultra.training.tasks import _LossModule, batch_layout
+
+    torch.manual_seed(0)
+    model = build_model("uniultra-student-e8", image_size=64)
+    b = 2
+    batch = {"image": torch.rand(b, 3, 64, 64), "masks": torch.zeros(b, 1, 16, 16), "boxes": torch.zeros(b, 1, 4),
+             "has_box": torch.zeros(b, 1, dtype=torch.bool), "point_coords": torch.zeros(b, 1, 1, 2),
+             "point_labels": torch.full((b, 1, 1), -1), "valid": torch.zeros(b, 1, dtype=torch.bool)}
+    loss, parts = _LossModule(model, LossWeights(), False)(batch, batch_layout(batch))
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
