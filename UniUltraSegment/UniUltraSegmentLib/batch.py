@@ -207,21 +207,6 @@ def _write_frames(cine: Cine, path: Path) -> bool:
             os.remove(tmp)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".uniultra-", suffix=path.suffix, dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_scene_manifest(ctx, out_dir: str | os.PathLike, cines: Sequence[Cine] | None = None) -> SceneManifest:
     """Write ``<out_dir>/.uniultra-slicer/manifest.csv`` (and each cine's frames) from the scene.
 
@@ -269,8 +254,10 @@ def write_scene_manifest(ctx, out_dir: str | os.PathLike, cines: Sequence[Cine] 
             existed = path.exists()
             if _write_frames(c.cine, path) and not existed:
                 created.append(path)
+        from uniultra.fileio import atomic_write_text
+
         manifest = state / "manifest.csv"
-        _atomic_text(manifest, rows.getvalue())
+        atomic_write_text(manifest, rows.getvalue())
     except BaseException:
         for p in created:
             with contextlib.suppress(OSError):
