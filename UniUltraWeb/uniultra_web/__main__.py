@@ -76,9 +76,11 @@ def check_args(args) -> str:
             raise UsageError("--token must be at least 16 characters")
         try:
             float(token)
-            raise UsageError("--token must not be a number (the browser would read it as one)")
+            numeric = True
         except ValueError:
-            pass
+            numeric = False
+        if numeric:
+            raise UsageError("--token must not be a number (the browser would read it as one)")
         if not all(c.isalnum() or c in "-_.~" for c in token):
             raise UsageError("--token may only hold letters, digits and - _ . ~ (it goes into the URL)")
     if not 0 <= args.port <= 65535:
