@@ -217,3 +217,25 @@ def test_propagation_on_a_worker_thread_stops_and_writes_nothing(echo_dicom):
     assert "nothing was written" in reply.status
     assert not any(m.any() for m in web.cine_masks())
     assert not web.session.undo_stack.can_undo() and not web.session.controller.busy
+
+
+def test_export_png_and_seg_nrrd_round_trip(busi_image, tmp_path):
+    """Export: the PNG mask is the segment; the saved .seg.nrrd loads back with the same voxels."""
+    from PIL import Image
+    from UniUltraSegmentLib.context import create_context
+    from UniUltraSegmentLib.segments import segment_array
+    from UniUltraSegmentLib.sequences import load_segmentation
+
+    web = WebHarness(StandInEngine())
+    web.open(busi_image)
+    web.drag(*BOX)
+    web.session.apply()
+    seg = web.segment()
+    (png,) = web.session.export_masks(tmp_path / "png")
+    assert np.array_equal(np.asarray(Image.open(png)) > 0, web.geometry().frame_from_array(seg, 0) > 0)
+    (nrrd,) = web.session.save_segmentation(tmp_path / "seg")
+    assert nrrd.name.endswith(".seg.nrrd")
+    ctx = create_context()
+    back = load_segmentation(ctx, nrrd)
+    sid = back.GetSegmentation().GetSegmentIdBySegmentName("lesion")
+    assert np.array_equal(segment_array(back, sid, web.session.loaded.volume), seg)
