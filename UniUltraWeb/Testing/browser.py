@@ -90,9 +90,9 @@ class Server:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(15)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # aiohttp's graceful shutdown can take long on a busy machine
                 os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                self.proc.wait(120)
 
 
 def state(page, name):
