@@ -178,3 +178,30 @@ def test_evaluate_json_and_overlays(capsys, ckpt, data_root, tmp_path):
     assert len(per_image) == 3  # the summary is the mean of the rows written
     assert d["dice"] == pytest.approx(sum(float(r["dice"]) for r in per_image) / 3, abs=1e-9)
     assert list((tmp_path / "ev" / "ddti").glob("worst_1_*.png"))
+
+
+def test_training_commands_when_their_import_fails(monkeypatch, capsys):
+    """A missing optional dependency leaves `uniultra train` as one clear line (exit 2); an import
+    error inside the training package itself is a bug and is not turned into 'invalid choice'."""
+    import builtins
+    import sys
+
+    from uniultra import cli
+
+    real_import = builtins.__import__
+
+    def failing(missing):
+        def imp(name, globals=None, locals=None, fromlist=(), level=0):
+            if name == "uniultra.training" and fromlist and "cli_commands" in fromlist:
+                raise ImportError(f"No module named '{missing}'", name=missing)
+            return real_import(name, globals, locals, fromlist, level)
+        return imp
+
+    monkeypatch.delitem(sys.modules, "uniultra.training.cli_commands", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing("torch"))
+    assert cli.main(["train", "--data", "x", "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "uniultra train needs torch" in err[0] and "make setup" in err[0]
+    monkeypatch.setattr(builtins, "__import__", failing("uniultra.training.tasks"))
+    with pytest.raises(ImportError, match="uniultra.training.tasks"):
+        cli.build_parser()

