@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -481,6 +482,10 @@ def test_onnx_export_is_one_unit(capsys, work, monkeypatch, older):
             raise OSError(28, "No space left on device", str(dst))
         return real(src, dst)
 
+    def export(module, args, path, **kw):  # the staging is under test, not torch's exporter (test_cli has a real one)
+        Path(path).write_bytes(b"onnx" * 500)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
     monkeypatch.setattr(checks.os, "replace", replace)
     before = _snapshot(w)
     code = main(["export", "--model", str(work["ckpt"]), "--out", str(enc)])
