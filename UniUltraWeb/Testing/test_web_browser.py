@@ -162,8 +162,10 @@ def test_cine_box_propagate_every_frame(server, chromium):
     mouse_drag(page, a, b)
     wait_state(page, "s('can_propagate')")
     page.locator("#btn-propagate").click()
-    wait_state(page, "s('propagating')", 20000)
-    _shot(page, "06_propagating.png")
+    # a quiet machine may finish the 10 frames between two polls of the page: accept either state
+    wait_state(page, "s('propagating') || String(s('status')).includes('Propagation wrote')", 60000)
+    if state(page, "propagating"):
+        _shot(page, "06_propagating.png")
     wait_state(page, "!s('propagating')", 120000)
     assert "Propagation wrote 10 frames" in state(page, "status"), state(page, "status")
     page.wait_for_timeout(400)
