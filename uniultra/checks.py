@@ -88,6 +88,18 @@ def image_array(image, name: str = "image"):
 
 
 # ------------------------------------------------------------------------------ outputs
+def readable_file(path, kind: str = "", folder_hint: str = "choose a file") -> Path:
+    """``path`` as a Path if it is an existing file; otherwise an InputError naming it (and its
+    ``kind``, e.g. "DICOM") and what to do.  One check for the engine's readers and the Slicer logic."""
+    p = Path(path)
+    what = f"{kind} '{p}'" if kind else f"'{p}'"
+    if not p.exists():
+        raise InputError(f"cannot read {what}: file not found; check the path")
+    if p.is_dir():
+        raise InputError(f"cannot read {what}: it is a folder; {folder_hint}")
+    return p
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")

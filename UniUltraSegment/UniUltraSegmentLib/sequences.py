@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uniultra.checks import readable_file
 from uniultra.data.dicom import DicomCine, read_dicom_cine  # noqa: F401  (the engine's reader)
 from uniultra.fileio import atomic_write
 
@@ -124,7 +125,7 @@ def find_cine(ctx, volume_node) -> Cine | None:
 
 def load_dicom_cine(ctx, path: str | os.PathLike, name: str | None = None) -> Cine:
     """A (multi-frame) ultrasound DICOM file into a new sequence + browser."""
-    _readable(path, "DICOM")
+    readable_file(path, "DICOM")
     d = read_dicom_cine(path)
     return create_cine(ctx, d.frames, d.spacing, d.frame_time_s, name or Path(path).stem)
 
@@ -133,7 +134,7 @@ def load_sequence_file(ctx, path: str | os.PathLike, name: str | None = None) ->
     """A `.seq.nrrd` volume sequence into a new sequence + browser."""
     import slicer
 
-    path = str(_readable(path, ".seq.nrrd"))
+    path = str(readable_file(path, ".seq.nrrd"))
     seq = slicer.vtkMRMLSequenceNode()
     seq.SetName(name or Path(path).name.split(".")[0])
     ctx.scene.AddNode(seq)
@@ -156,15 +157,6 @@ def save_sequence_file(ctx, sequence, path: str | os.PathLike) -> None:
     require_node(sequence, "vtkMRMLSequenceNode", "sequence to save")
     storage = slicer.vtkMRMLVolumeSequenceStorageNode()
     _write_storage(storage, sequence, path)
-
-
-def _readable(path, kind: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"cannot read {kind} '{p}': file not found; check the path")
-    if p.is_dir():
-        raise InputError(f"cannot read {kind} '{p}': it is a folder; choose a file")
-    return p
 
 
 def _write_storage(storage, node, path: Path) -> None:
@@ -202,7 +194,7 @@ def load_segmentation(ctx, path: str | os.PathLike, name: str | None = None):
     """A `.seg.nrrd` file into a new segmentation node in the scene."""
     import slicer
 
-    _readable(path, ".seg.nrrd")
+    readable_file(path, ".seg.nrrd")
     seg = slicer.vtkMRMLSegmentationNode()
     seg.SetName(name or Path(path).name.split(".")[0])
     ctx.scene.AddNode(seg)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from uniultra.checks import readable_file
 from uniultra.data.dicom import read_dicom_cine
 from uniultra.data.intensity import to_uint8_rgb
 from uniultra.errors import InputError
@@ -51,12 +52,7 @@ def _ext(path: Path) -> str:
 
 
 def _check_file(path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"cannot read '{p}': file not found; check the path")
-    if p.is_dir():
-        raise InputError(f"cannot read '{p}': it is a folder; pass an image file")
-    return p
+    return readable_file(path, folder_hint="pass an image file")
 
 
 def _is_dicom(p: Path) -> bool:
