@@ -74,10 +74,7 @@ def _add_volume(ctx, node):
 
 def _volume_from_itk(path: Path, name: str):
     """A scalar or RGB volume node from a SimpleITK-readable file, geometry LPS -> RAS."""
-    import slicer
-    import vtk
-    from UniUltraSegmentLib.segments import _numpy_matrix_to_vtk
-    from vtk.util import numpy_support
+    from UniUltraSegmentLib.geometry import volume_node
 
     from uniultra.data.io import read_itk
     from uniultra.errors import InputError
@@ -105,17 +102,7 @@ def _volume_from_itk(path: Path, name: str):
     ijk_to_lps[:3, :3] = direction @ np.diag(spacing)
     ijk_to_lps[:3, 3] = origin
     ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
-    node = slicer.vtkMRMLVectorVolumeNode() if ncomp == 3 else slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name)
-    k, j, i = spatial
-    image = vtk.vtkImageData()
-    image.SetDimensions(i, j, k)
-    arr = np.ascontiguousarray(arr)
-    image.AllocateScalars(numpy_support.get_vtk_array_type(arr.dtype), ncomp)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = arr.reshape(-1, ncomp).squeeze()
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(_numpy_matrix_to_vtk(ijk_to_ras))
-    return node
+    return volume_node(arr, ijk_to_ras, name, rgb=ncomp == 3)
 
 
 def open_file(ctx, path: str | Path, name: str | None = None) -> Loaded:
