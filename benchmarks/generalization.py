@@ -9,6 +9,13 @@ boxes and LiteMedSAM zero-shot on the same images.  Settings are the same for ev
                                                                       # cached LiteMedSAM embeddings)
     .venv/bin/python benchmarks/generalization.py --student           # also distil a student per fold
     .venv/bin/python benchmarks/generalization.py --folds camus ctrus --teacher-steps 50   # a quick look
+    .venv/bin/python benchmarks/generalization.py --hint-student --folds camus ctrus dltrack_apo
+                                                  # the shipped default's recipe per fold (see below)
+
+``--hint-student``: the recipe of the shipped default (``recipes/uniultra-mini-us7.yaml``) per fold:
+``--hint-init`` (default ``uniultra-mini-us``) trained on the other anatomies' masks with feature
+hints from LiteMedSAM's frozen encoder.  A fold whose left-out anatomy the initial model was
+trained on is refused (it would not be leave-one-out): the model's checkpoint names its data.
 
 The embedding cache (``--cache``, the one the default recipe fills) makes each fold cheap on a
 CPU: only the decoder trains on the frozen encoder's stored embeddings.  Results: a table with
@@ -33,7 +40,7 @@ def fold_recipe(args, left_out: str) -> dict:
     train_sets = [a for a in args.anatomies if a != left_out]
     data = [str(Path(args.data) / a) for a in train_sets]
     test = [str(Path(args.data) / left_out)]
-    stages = {
+    stages = {} if not args.teacher else {
         "teacher": {"command": "train", "options": {
             "model": "litemedsam", "peft": "decoder", "data": data, "max_images": args.train_images,
             "augment": False, "embed_cache": args.cache, "steps": args.teacher_steps, "batch_size": 8,
@@ -57,7 +64,30 @@ def fold_recipe(args, left_out: str) -> dict:
                      "${stages.student.out}/model.pt",
             "data": test, "split": "test", "jitter": 0.1, "limit": args.test_images,
             "out_dir": "${out}/test-student/cases"}}
+    if args.hint_student:
+        weights = [2.0 if a in ("busi", "ddti") else 1.0 for a in train_sets]
+        stages["hint"] = {"command": "train", "options": {
+            "model": args.hint_init, "peft": "full", "data": data, "max_images": args.train_images,
+            "augment": False, "teacher": "litemedsam", "teacher_cache": args.cache, "hint_weight": 0.2,
+            "data_weights": weights, "steps": args.hint_steps, "batch_size": 8, "lr": 1e-4, "schedule": "cosine",
+            "warmup_steps": 20, "loss_weights": "dice=1,bce=1,iou=1", "jitter": 0.15,
+            "val_every": args.hint_steps // 4, "val_limit": args.val_images, "seed": 0, "device": args.device,
+            "adapter_only": False, "progress_bar": False}}
+        stages["test-hint"] = {"command": "evaluate", "options": {
+            "model": "${stages.hint.out}/model.pt", "data": test, "split": "test", "jitter": 0.1,
+            "limit": args.test_images, "out_dir": "${out}/test-hint/cases"}}
     return {"name": f"loo-{left_out}", "out": str(Path(args.out) / left_out), "stages": stages}
+
+
+def init_datasets(model: str) -> list[str]:
+    """The data sets the model ``model`` was trained on (its checkpoint's record)."""
+    from uniultra.models import resolve_model
+    from uniultra.models.checkpoint import read_checkpoint
+
+    _entry, path = resolve_model(model)
+    if path is None or not Path(path).is_file():
+        return []
+    return list((read_checkpoint(path).get("uniultra") or {}).get("datasets") or [])
 
 
 def zero_shot_recipe(args) -> dict:
@@ -93,37 +123,45 @@ def table(args) -> tuple[str, dict]:
         z = read_eval(zs_path, a) or {}
         t = read_eval(Path(args.out) / a / "test-teacher" / "evaluation.json", a) or {}
         s = read_eval(Path(args.out) / a / "test-student" / "evaluation.json", a) or {}
+        h = read_eval(Path(args.out) / a / "test-hint" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
                   "student": s.get("dice"), "student_p10": s.get("dice_p10"),
+                  "hint": h.get("dice"), "hint_p10": h.get("dice_p10"),
                   "structure": {"ellipse": z.get("ellipse_structure_dice"), "zeroshot": z.get("structure_dice"),
-                                "teacher": t.get("structure_dice"), "student": s.get("structure_dice")}}
+                                "teacher": t.get("structure_dice"), "student": s.get("structure_dice"),
+                                "hint": h.get("structure_dice")}}
 
         def f(k, r=res[a]):
             v, p = r.get(k), r.get(f"{k}_p10")
             return "-" if v is None else f"{v:.3f} ({p:.2f})" if p is not None else f"{v:.3f}"
 
         rows.append(f"| {a} | {res[a]['images'] or '-'} | {f('ellipse')} | {f('zeroshot')} | {f('teacher')} | "
-                    f"{f('student')} |")
+                    f"{f('student')} | {f('hint')} |")
     head = [f"Leave one anatomy out (test splits, at most {args.test_images} images per anatomy, evenly spread; "
             f"10%-jittered boxes, the same seeded boxes for every column). Mean Dice (10th percentile).",
             f"Fold settings: teacher = LiteMedSAM decoder trained {args.teacher_steps} steps (batch 8) on cached "
             f"embeddings of at most {args.train_images} train images per other anatomy"
             + (f"; student = uniultra-mini-lm, {args.student_steps} DSKD + {args.finetune_steps} fine-tuning steps."
-               if args.student else "; no student folds in this run."),
-            "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it |",
-            "|---|---|---|---|---|---|"]
+               if args.student else "; no student folds in this run.")
+            + (f" Default-recipe column: {args.hint_init} trained {args.hint_steps} steps (batch 8) on the other "
+               "anatomies' masks with LiteMedSAM feature hints (hint weight 0.2); '-' where that fold was not run "
+               f"or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else ""),
+            "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
+                "| default recipe without it |",
+            "|---|---|---|---|---|---|---|"]
     multi = [a for a in args.anatomies if any(v is not None for v in res[a]["structure"].values())]
     if multi:
         rows += ["", "Anatomies with several labelled structures per image: mean Dice per structure (the union "
                  "Dice above hides a ring filled in by its neighbours).", "",
-                 "| left-out anatomy | ellipse | LiteMedSAM zero-shot | teacher without it | student without it |",
-                 "|---|---|---|---|---|"]
+                 "| left-out anatomy | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
+                 "| default recipe without it |",
+                 "|---|---|---|---|---|---|"]
         for a in multi:
             st = res[a]["structure"]
             rows.append(f"| {a} | " + " | ".join("-" if st[k] is None else f"{st[k]:.3f}"
-                                                 for k in ("ellipse", "zeroshot", "teacher", "student")) + " |")
+                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "hint")) + " |")
     return "\n".join(head + rows), res
 
 
@@ -142,6 +180,12 @@ def main() -> int:
     ap.add_argument("--student", action="store_true", help="also distil a student per fold")
     ap.add_argument("--student-steps", type=int, default=600)
     ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--hint-student", action="store_true",
+                    help="also train the shipped default's recipe per fold (refused where --hint-init saw the fold)")
+    ap.add_argument("--hint-init", default="uniultra-mini-us")
+    ap.add_argument("--hint-steps", type=int, default=800)
+    ap.add_argument("--no-teacher", dest="teacher", action="store_false",
+                    help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from finished folds")
     args = ap.parse_args()
@@ -149,10 +193,18 @@ def main() -> int:
     if unknown:
         print(f"generalization: --folds {unknown[0]}: not one of {', '.join(args.anatomies)}", file=sys.stderr)
         return 2
+    if args.hint_student:
+        seen = set(init_datasets(args.hint_init))
+        leak = [a for a in (args.folds or args.anatomies) if a in seen]
+        if leak:
+            print(f"generalization: --hint-student --folds {' '.join(leak)}: {args.hint_init} was trained on "
+                  f"{', '.join(sorted(seen))}, so those folds would not be leave-one-out; choose other --folds "
+                  "or another --hint-init", file=sys.stderr)
+            return 2
     if not args.table_only:
         run_recipe(zero_shot_recipe(args), Path(args.out) / "zeroshot.yaml")
         for a in args.folds or args.anatomies:
-            run_recipe(fold_recipe(args, a), Path(args.out) / f"{a}.yaml")
+            run_recipe(fold_recipe(args, a), Path(args.out) / (f"{a}.yaml" if args.teacher else f"{a}-hint.yaml"))
     text, res = table(args)
     print(text)
     out = Path(args.results)

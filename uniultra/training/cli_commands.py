@@ -105,6 +105,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--full", dest="final_full", action=BOOL, help="also write model_full.pt (whole state dict)")
     p.add_argument("--half", dest="final_half", action=BOOL, help="store model_full.pt in fp16")
     p.add_argument("--name", help="model name stored in the checkpoints")
+    p.add_argument("--teacher", metavar="MODEL",
+                   help="frozen teacher (registry name or checkpoint, e.g. litemedsam) whose image embedding the "
+                        "model's features learn through 1x1 projections, next to the mask loss")
+    p.add_argument("--teacher-cache", dest="teacher_cache", metavar="DIR",
+                   help="the teacher's embedding cache (`uniultra cache-embeddings`); with --no-augment every "
+                        "step reads it instead of running the teacher's encoder")
+    p.add_argument("--hint-weight", dest="hint_weight", type=float, help="weight of the teacher-hint loss (default 1)")
     p.set_defaults(func=run_train)
     return p
 

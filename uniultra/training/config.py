@@ -176,8 +176,13 @@ class TrainConfig(RunConfig):
     adapter_only: bool = True             # best/model checkpoints: trained params only when possible
     final_full: bool = False              # also write model_full.pt (whole state dict)
     final_half: bool = False              # store model_full.pt in fp16
+    # feature hints from a frozen teacher (tasks.TeacherHint): the model's image features learn,
+    # through 1x1 projections discarded afterwards, the teacher's image embedding, next to the masks
+    teacher: str | None = None            # registry name or checkpoint (any family, e.g. litemedsam)
+    teacher_cache: str | None = None      # the teacher's embedding cache (`uniultra cache-embeddings`)
+    hint_weight: float = 1.0
 
-    RESUME_KEYS = RunConfig.RESUME_KEYS + ("model", "peft")
+    RESUME_KEYS = RunConfig.RESUME_KEYS + ("model", "peft", "teacher")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -193,6 +198,12 @@ class TrainConfig(RunConfig):
         if self.data_weights is not None and (any(w < 0 for w in self.data_weights) or not sum(self.data_weights) > 0):
             raise _bad("data_weights", " ".join(f"{w:g}" for w in self.data_weights),
                        "give weights of 0 or more, at least one positive")
+        if self.hint_weight < 0:
+            raise _bad("hint_weight", self.hint_weight, "give 0 or more")
+        if self.teacher is not None and not str(self.teacher).strip():
+            self.teacher = None
+        if self.teacher_cache and not self.teacher:
+            raise InputError("--teacher-cache needs --teacher (the model whose embeddings it holds)")
         if self.prompt not in PROMPTS:
             raise _bad("prompt", self.prompt, f"use one of {', '.join(PROMPTS)}")
         if self.scope not in SCOPES:

@@ -160,12 +160,15 @@ def promptable_loss(model, images: torch.Tensor, target: torch.Tensor, weights: 
                     boxes: torch.Tensor | None = None, point_coords: torch.Tensor | None = None,
                     point_labels: torch.Tensor | None = None, two_pass: bool = False,
                     has_box: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
-                    has_points: bool | None = None, sync: bool = True) -> tuple[torch.Tensor, dict]:
-    """Encode ``images``, decode one prompt set per row and return the loss (see module doc).
+                    has_points: bool | None = None, sync: bool = True,
+                    emb: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Encode ``images`` (unless their embedding ``emb`` is given), decode one prompt set per row
+    and return the loss (see module doc).
 
     ``target`` ``[R, 1, H, W]``; row k prompts image ``image_index[k]`` (default: row k = image k).
     ``model`` is a :class:`uniultra.models.UniUltraModel` (or anything with ``encode``/``decode``)."""
-    emb = model.encode(images)
+    if emb is None:
+        emb = model.encode(images)
     if image_index is None:
         image_index = torch.arange(images.shape[0], device=images.device)
     logits, iou = decode_prompts(model, emb, image_index, boxes, has_box, point_coords, point_labels,

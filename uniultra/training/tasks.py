@@ -70,15 +70,90 @@ def _vals(cfg, roots):
 
 
 # ------------------------------------------------------------------------------------ segmentation
-class _LossModule(nn.Module):
-    """Wraps the model so that DDP sees one forward that returns the loss."""
+class TeacherHint(nn.Module):
+    """Feature hints from a frozen teacher of any family (FitNets-style, as DSKD's feature terms).
 
-    def __init__(self, model, weights, two_pass: bool):
+    The teacher's image embedding ``[B, C, T, T]`` (LiteMedSAM: 256 x 64 x 64) is the target of
+    every feature map the model's decoder reads (its image embedding and high-resolution maps):
+    each goes through its own 1x1 convolution to the teacher's width (trained here, discarded
+    afterwards) and is compared, after average pooling of the teacher to the map's size, by MSE
+    with the teacher's features scaled to unit RMS.  The student keeps its own decoder, so its
+    speed is unchanged."""
+
+    def __init__(self, teacher, student_channels: list[int], teacher_channels: int):
+        super().__init__()
+        self._teacher = (teacher,)  # outside the module tree: frozen, not saved, not synced by DDP
+        self.proj = nn.ModuleList([nn.Conv2d(c, teacher_channels, 1) for c in student_channels])
+
+    @staticmethod
+    def student_maps(emb: dict) -> list[torch.Tensor]:
+        return [emb["image_embed"]] + list(emb.get("high_res_feats") or [])
+
+    def forward(self, images: torch.Tensor, emb: dict) -> tuple[torch.Tensor, dict]:
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            t = self._teacher[0].encode(images)["image_embed"].float()
+            t = t / t.pow(2).mean().clamp_min(1e-12).sqrt()
+        total, parts = None, {}
+        for conv, s in zip(self.proj, self.student_maps(emb)):
+            size = tuple(s.shape[-2:])
+            tt = t if tuple(t.shape[-2:]) == size else F.adaptive_avg_pool2d(t, size)
+            term = F.mse_loss(conv(s.float()), tt)
+            parts[f"hint{size[0]}"] = term.detach()
+            total = term if total is None else total + term
+        return total, parts
+
+
+def build_hint(cfg, model, device) -> TeacherHint:
+    """The frozen teacher (its embedding cache attached) and the projections for ``model``."""
+    from uniultra.models import build_model
+
+    try:
+        teacher = build_model(cfg.teacher, device="cpu")
+    except ValueError as e:
+        raise InputError(f"--teacher {cfg.teacher}: {e}") from None
+    if teacher.image_size != model.image_size:
+        raise InputError(f"--teacher {cfg.teacher} works at {teacher.image_size} px and the model at "
+                         f"{model.image_size} px: the hints need the same input size")
+    teacher.eval().to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cfg.teacher_cache:
+        from uniultra.models.embed_cache import attach
+
+        attach(teacher, cfg.teacher_cache)
+    S = model.image_size
+    x = torch.zeros(1, 3, S, S, device=device)
+    with torch.no_grad():
+        s_maps = TeacherHint.student_maps(model.encode(x))
+        t_ch = int(teacher.sam.sam_mask_decoder.transformer_dim) if hasattr(teacher.sam, "sam_mask_decoder") \
+            else int(teacher.encode(x)["image_embed"].shape[1])
+    return TeacherHint(teacher, [int(m.shape[1]) for m in s_maps], t_ch).to(device)
+
+
+class _LossModule(nn.Module):
+    """Wraps the model so that DDP sees one forward that returns the loss (plus, with a teacher,
+    the weighted feature hints)."""
+
+    def __init__(self, model, weights, two_pass: bool, hint: TeacherHint | None = None, hint_weight: float = 1.0):
         super().__init__()
         self.model, self.weights, self.two_pass = model, weights, two_pass
+        self.hint, self.hint_weight = hint, hint_weight
 
     def forward(self, batch: dict, layout: dict):
         """``layout`` is computed on the CPU copy of the batch (no GPU synchronisation)."""
+        if self.hint is None:
+            return self._masks(batch, layout, None)
+        emb = self.model.encode(batch["image"])
+        h_loss, h_parts = self.hint(batch["image"], emb)
+        loss, parts = self._masks(batch, layout, emb)
+        loss = loss + self.hint_weight * h_loss
+        parts.update(h_parts)
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    def _masks(self, batch: dict, layout: dict, emb: dict | None):
         from uniultra.training.losses import promptable_loss
 
         b, n = layout["shape"]
@@ -93,7 +168,7 @@ class _LossModule(nn.Module):
         pl = batch["point_labels"].reshape(b * n, -1)[rows]
         return promptable_loss(self.model, batch["image"], masks, self.weights, boxes=boxes, point_coords=pc,
                                point_labels=pl, two_pass=self.two_pass, has_box=layout["has_box"],
-                               image_index=image_index, has_points=layout["has_points"], sync=False)
+                               image_index=image_index, has_points=layout["has_points"], sync=False, emb=emb)
 
 
 def batch_layout(batch: dict) -> dict:
@@ -178,7 +253,14 @@ class SegmentationTask(Task):
         self.model = model
         if not self.trainable():
             raise InputError(f"--peft {cfg.peft}: nothing to train")
-        self.module = _LossModule(model, LossWeights.parse(cfg.loss_weights), cfg.two_pass)
+        self.hint = None
+        if cfg.teacher:
+            self.hint = build_hint(cfg, model, device)
+            if cfg.augment and cfg.teacher_cache:
+                trainer.events.emit("note", message="note: with augmentation every image is new, so the teacher "
+                                    "cache cannot serve it: the teacher's encoder runs at every step")
+        self.module = _LossModule(model, LossWeights.parse(cfg.loss_weights), cfg.two_pass, self.hint,
+                                  cfg.hint_weight)
         self.base, self.base_sha = base_identity(cfg, model)
         self.adapter_only = bool(cfg.adapter_only and self.base is not None)
 
@@ -186,10 +268,16 @@ class SegmentationTask(Task):
         layout = batch_layout(batch)
         return super().inputs(batch, device)[0], layout
 
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"hint": self.hint.proj} if self.hint is not None else {}
+
     def checkpoint_meta(self) -> dict:
-        return {"base": self.base, "base_sha256": self.base_sha, "method": (self.model.peft or {}).get("method"),
+        meta = {"base": self.base, "base_sha256": self.base_sha, "method": (self.model.peft or {}).get("method"),
                 "datasets": [r.name for r in self.roots], "train_images": len(self.dataset),
                 "image_size": self.model.image_size, "seed": self.cfg.seed, "val_jitter": self.cfg.val_jitter}
+        if self.cfg.teacher:
+            meta.update(hints_from=str(self.cfg.teacher), hint_weight=self.cfg.hint_weight)
+        return meta
 
     def registration(self, cfg) -> tuple[str | None, str, dict]:
         method = (self.model.peft or {}).get("method")
