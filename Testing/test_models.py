@@ -7,7 +7,7 @@ import torch
 
 from uniultra.errors import InputError
 from uniultra.models import build_model, save_checkpoint
-from uniultra.models.ch_adapter import CHAdaptedBlock, CHAdaptedHiera, SobelMagnitude
+from uniultra.models.ch_adapter import ParallelToMLP, SobelMagnitude, has_ch_adapters
 from uniultra.models.peft import LoRALinear
 
 SIZE = 128  # small inputs keep the suite fast; every size that is a multiple of 32 works
@@ -26,8 +26,10 @@ def _trainable(model):
 def test_ch_adapter_in_every_block_and_freezing():
     m = build_model("sam2.1-hiera-tiny", image_size=SIZE, random_init=True, peft="ch-adapter")
     trunk = m.sam.image_encoder.trunk
-    assert isinstance(trunk, CHAdaptedHiera)
-    assert all(isinstance(b, CHAdaptedBlock) for b in trunk.blocks)
+    assert has_ch_adapters(trunk)
+    # wired by hooks on sam2's own modules: the classes are sam2's, one adapter hook per block
+    assert type(trunk).__module__.startswith("sam2.") and all(type(b).__module__.startswith("sam2.") for b in trunk.blocks)
+    assert all(sum(isinstance(h, ParallelToMLP) for h in b._forward_hooks.values()) == 1 for b in trunk.blocks)
     for blk in trunk.blocks:  # context bottleneck D -> D/4 -> D, edge projection 4 -> D
         d = blk.dim_out
         assert blk.ch_adapter.down.weight.shape == (d // 4, d)
@@ -62,10 +64,12 @@ def test_sobel_is_depthwise_and_spatially_correct():
 def test_edge_map_follows_stage_grids():
     m = build_model("uniultra-mini", image_size=SIZE)
     seen = []
-    for blk in m.sam.image_encoder.trunk.blocks:
-        blk.register_forward_hook(lambda mod, args, out: seen.append((args[1].shape[-2:], out.shape[1:3])))
+    trunk = m.sam.image_encoder.trunk
+    for blk in trunk.blocks:  # the edge map each adapter gets is on its block's output grid
+        blk.ch_adapter.register_forward_hook(lambda mod, args, out: seen.append((args[1].shape[-2:], out.shape[1:3])))
     _forward(m, 1)
-    assert seen and all(tuple(e) == tuple(t) for e, t in seen)
+    assert len(seen) == len(trunk.blocks) and all(tuple(e) == tuple(t) for e, t in seen)
+    assert {tuple(e) for e, _ in seen} == {(SIZE // 4 >> s, SIZE // 4 >> s) for s in range(len(trunk.stage_ends))}
 
 
 @pytest.mark.parametrize("scope", ["encoder+decoder", "decoder"])
@@ -247,3 +251,24 @@ def test_sam_unet_med_token_decoder(tmp_path):
     with torch.no_grad():
         assert torch.allclose(again.eval()(x[:1], torch.tensor([[4.0, 4, 60, 60]])),
                               m.eval()(x[:1], torch.tensor([[4.0, 4, 60, 60]])), atol=1e-5)
+
+
+def test_ch_adapter_hooks_follow_a_deep_copy():
+    """The adapters are wired by hook objects, not closures: a deep copy (made after a forward
+    pass, with autograd on) computes the same, and its hooks use its own adapters."""
+    import copy
+
+    torch.manual_seed(0)
+    m = build_model("uniultra-mini", image_size=SIZE).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    box = torch.tensor([[8.0, 8.0, 60.0, 70.0]])
+    before = m.decode(m.encode(x), box)[0]
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        assert torch.equal(twin.decode(twin.encode(x), box)[0], before)
+        for blk in twin.sam.image_encoder.trunk.blocks:
+            blk.ch_adapter.up.weight.zero_()
+            blk.ch_adapter.edge_proj.weight.zero_()
+        changed = twin.decode(twin.encode(x), box)[0]
+        assert not torch.allclose(changed, before, atol=1e-4)
+        assert torch.equal(m.decode(m.encode(x), box)[0], before)

