@@ -34,7 +34,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from uniultra.launch import EngineSubprocess
 
 from .engine import _add_source_tree_engine
 from .geometry import ijk_to_ras_of, volume_array
@@ -339,18 +340,20 @@ def progress_of(jobs: Sequence, out_dir: str | os.PathLike) -> dict:
     return counts
 
 
-class BatchRun:
-    """One ``uniultra batch`` subprocess; ``poll()`` from a timer, ``wait()`` in scripts and tests."""
+class BatchRun(EngineSubprocess):
+    """One ``uniultra batch`` subprocess; ``poll()`` from a timer, ``wait()`` in scripts and tests.
+
+    The launch, ``running``, ``returncode`` and signalling are
+    :class:`uniultra.launch.EngineSubprocess`'s (shared with the Train module's runner); this class
+    sends the output to the run's log file and follows the run through its files only."""
+
+    what = "this batch run"
 
     def __init__(self, settings: BatchSettings, python: str | None = None, env: dict | None = None):
-        from uniultra.launch import command, engine_env
-
         self.jobs = settings.check()
         self.settings = settings
         self.events_path, self.log_path = settings.run_files()
-        self.cmd = command(settings.args(self.events_path), python)
-        self.env = engine_env(env)
-        self.proc: subprocess.Popen | None = None
+        super().__init__(settings.args(self.events_path), python, env)
         self.events: list[dict] = []
         self.lines: list[str] = []
         self.total: int | None = None  # clips this run labels (the rest were done already)
@@ -361,43 +364,25 @@ class BatchRun:
         self.current: str | None = None
         self.current_fraction = 0.0
         self.eta_s: float | None = None
-        self.cancel_requested = False
         self._cancel_at: float | None = None
         self._grace_s = 30.0
         self._ev_offset = 0
         self._log_offset = 0
         self._log = None
 
-    def start(self) -> BatchRun:
-        if self.proc is not None:
-            raise RuntimeError("this batch run was already started")
+    def _open_output(self):
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        head = f"$ {' '.join(self.cmd)}\n".encode()
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in _close, right after the launch)
+        head = self.banner.encode()
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in _launched, right after the launch)
         self._log.write(head)
         self._log.flush()
         self._log_offset = len(head)
-        kwargs: dict = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # its own process group: Cancel reaches all of it
-        try:
-            self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, **kwargs)
-        finally:
-            self._close()  # the child has its own copy of the log file
-        return self
+        return self._log
+
+    def _launched(self) -> None:
+        self._close()  # the child has its own copy of the log file
 
     # ---------------------------------------------------------------- following it
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
     def poll(self) -> list[dict]:
         """New events since the last call (state updated from them); never blocks."""
         from uniultra.events import read_events
@@ -520,19 +505,8 @@ class BatchRun:
     def cancel(self, grace_s: float = 30.0) -> None:
         """Ask the batch to stop (SIGTERM: the clip in progress is dropped, finished clips stay);
         a later ``poll()`` kills whatever is still running after ``grace_s`` seconds."""
-        if not self.running:
-            return
-        self.cancel_requested = True
-        self._cancel_at, self._grace_s = time.monotonic(), grace_s
-        self._signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)  # type: ignore[attr-defined]
-
-    def _signal(self, sig) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            if os.name == "nt":
-                self.proc.send_signal(sig) if sig != signal.SIGTERM else self.proc.terminate()
-            else:
-                os.killpg(self.proc.pid, sig)
+        if self._interrupt(signal.SIGTERM):
+            self._cancel_at, self._grace_s = time.monotonic(), grace_s
 
     # ---------------------------------------------------------------- results
     def results(self) -> list[dict]:

@@ -41,6 +41,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# torch-free; importable once UniUltraTrainLib is (its __init__ finds a source checkout's engine)
+from uniultra.launch import EngineSubprocess, command, engine_env, engine_root, python_executable  # noqa: F401
+
 DEFAULT_BASE = "uniultra-mini-us"
 DEFAULT_STUDENT = "uniultra-student-e16"
 METHODS = ("ch-adapter", "lora", "adapter", "cnn-branch", "full", "decoder")
@@ -156,8 +159,8 @@ def recipe_path(out: str | os.PathLike) -> Path:
     return Path(out) / "recipe.yaml"
 
 
-def _args(command: str, o: _RunOptions) -> list[str]:
-    args = [command, "--config", str(recipe_path(o.out))]
+def _args(subcommand: str, o: _RunOptions) -> list[str]:
+    args = [subcommand, "--config", str(recipe_path(o.out))]
     if o.resume:
         args.append("--resume")
     return args + list(o.extra_args)
@@ -184,77 +187,45 @@ def evaluate_args(model: str, data: str, split: str = "val", device: str = "auto
 
 
 # ------------------------------------------------------------------------------------ process
-# How the engine is started (PythonSlicer inside Slicer, PYTHONPATH, unbuffered output) has one copy,
-# uniultra/launch.py, shared with the Segment module's batch runner; imported when used, so the panel
-# sets up even before the engine is importable.
-def python_executable() -> str:
-    from uniultra.launch import python_executable as f
-
-    return f()
-
-
-def engine_root() -> Path:
-    from uniultra.launch import engine_root as f
-
-    return f()
-
-
-def engine_env(extra: dict | None = None) -> dict:
-    from uniultra.launch import engine_env as f
-
-    return f(extra)
-
-
-def command(args: Sequence[str], python: str | None = None) -> list[str]:
-    from uniultra.launch import command as f
-
-    return f(args, python)
-
-
-class EngineProcess:
+# How the engine is started (PythonSlicer inside Slicer, PYTHONPATH, unbuffered output, its own
+# process group) has one copy, uniultra/launch.py, shared with the Segment module's batch runner;
+# its names are imported above for callers of the runner.
+class EngineProcess(EngineSubprocess):
     """One `uniultra ...` subprocess with streamed output and a cancel that leaves files usable.
 
-    `poll()` (call it from a timer on the main thread) returns the new log lines since the last
-    call.  Everything the process printed is in `lines`, and also in `log_path` when given.
-    A training run (:class:`TrainingRun`) also follows the run's events file: `progress`
+    The launch, `running`, `returncode` and signalling are :class:`uniultra.launch.EngineSubprocess`'s
+    (shared with the Segment module's batch runner); this class follows the output through a pipe
+    read by a thread.  `poll()` (call it from a timer on the main thread) returns the new log lines
+    since the last call.  Everything the process printed is in `lines`, and also in `log_path` when
+    given.  A training run (:class:`TrainingRun`) also follows the run's events file: `progress`
     (done, total) and `last_val` (step, val Dice) come from there, never from printed text.
     """
 
     def __init__(self, args: Sequence[str], python: str | None = None, env: dict | None = None,
                  cwd: str | None = None, log_path: str | os.PathLike | None = None):
-        self.cmd = command(args, python)
-        self.env = engine_env(env)
-        self.cwd = cwd
+        super().__init__(args, python, env, cwd)
         self.log_path = Path(log_path) if log_path else None
-        self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.progress: tuple[int, int] | None = None
         self.last_val: tuple[int, float] | None = None
-        self.cancel_requested = False
         self._queue: queue.Queue = queue.Queue()
         self._reader: threading.Thread | None = None
         self._log = None
-        self.started_at: float | None = None
 
     # -------------------------------------------------------------- life cycle
-    def start(self) -> EngineProcess:
-        if self.proc is not None:
-            raise RuntimeError("this process was already started")
-        kwargs: dict = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True  # own process group: Cancel reaches workers too
+    def _open_output(self) -> int:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
-            self._log.write(f"$ {' '.join(self.cmd)}\n")
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd, **kwargs)
-        self.started_at = time.monotonic()
+            self._log.write(self.banner)
+        return subprocess.PIPE
+
+    def _launched(self) -> None:
+        if self.proc is None:  # the launch failed
+            self._finish()
+            return
         self._reader = threading.Thread(target=self._read, name="uniultra-engine-output", daemon=True)
         self._reader.start()
-        return self
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -275,14 +246,6 @@ class EngineProcess:
         if buf:
             self._queue.put(buf.decode("utf-8", "replace"))
         self._queue.put(None)  # end of output
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
 
     def poll(self) -> list[str]:
         """New log lines; a training run also updates `progress` and `last_val` from its events."""
@@ -338,12 +301,7 @@ class EngineProcess:
     def cancel(self, grace_s: float = 30.0) -> None:
         """Ask the process group to stop (SIGINT: the trainer saves its resume state after the
         current step); terminate, then kill, whatever is left after `grace_s` seconds."""
-        if not self.running:
-            return
-        self.cancel_requested = True
-        assert self.proc is not None
-        self._signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)  # type: ignore[attr-defined]
-        if grace_s <= 0:
+        if not self._interrupt(signal.SIGINT) or grace_s <= 0:
             return
         t = threading.Thread(target=self._escalate, args=(grace_s,), daemon=True)
         t.start()
@@ -366,17 +324,6 @@ class EngineProcess:
             self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
-
-    def _signal(self, sig) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            if os.name == "nt":
-                if sig == signal.SIGTERM:
-                    self.proc.terminate()
-                else:
-                    self.proc.send_signal(sig)
-            else:
-                os.killpg(self.proc.pid, sig)
 
     def output(self) -> str:
         return "\n".join(self.lines)
