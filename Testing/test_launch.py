@@ -40,6 +40,9 @@ class _FileRun(EngineSubprocess):
     def _launched(self):
         self._file.close()
 
+    def poll(self):
+        self.polls = getattr(self, "polls", 0) + 1
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -57,7 +60,7 @@ def _alive(pid: int) -> bool:
 def test_both_runners_share_the_launch_and_signalling():
     for cls in (EngineProcess, BatchRun):
         assert issubclass(cls, EngineSubprocess)
-        for name in ("start", "running", "returncode", "_signal", "_interrupt"):
+        for name in ("start", "running", "returncode", "wait", "_signal", "_interrupt"):
             assert name not in vars(cls), f"{cls.__name__} has its own {name}"
 
 
@@ -75,8 +78,10 @@ def test_a_signal_reaches_the_workers_the_engine_started(tmp_path):
         time.sleep(0.05)
     worker = int((tmp_path / "out.txt").read_text().split()[0])
     assert _alive(worker)
+    with pytest.raises(TimeoutError, match="'uniultra batch' still running"):
+        run.wait(0.2)
     assert run._interrupt(signal.SIGTERM) and run.cancel_requested
-    assert run.proc.wait(30) == -signal.SIGTERM
+    assert run.wait(30) == -signal.SIGTERM and run.polls >= 2
     deadline = time.monotonic() + 30
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -59,9 +59,10 @@ class EngineSubprocess:
     What the front ends' runs share lives here: the command line and environment, the launch,
     ``running`` / ``returncode`` and signalling the whole group.  How a run is followed stays in
     the subclass, which supplies ``_open_output`` (where stdout goes) and ``_launched`` (called
-    right after the launch, also when it failed): the Train module's ``runner.EngineProcess``
-    reads a pipe in a thread; the Segment module's ``batch.BatchRun`` sends the output to a log
-    file and reads files only, never blocking and with no thread."""
+    right after the launch, also when it failed), ``poll`` (follow it, never blocking) and
+    ``_drained`` (all output read once the process has ended): the Train module's
+    ``runner.EngineProcess`` reads a pipe in a thread; the Segment module's ``batch.BatchRun``
+    sends the output to a log file and reads files only, never blocking and with no thread."""
 
     what = "this process"  # for the message when started twice
 
@@ -80,6 +81,14 @@ class EngineSubprocess:
 
     def _launched(self) -> None:
         """After the launch (``self.proc`` is None when it failed)."""
+
+    def poll(self):
+        """Follow the run: read what is new (from a timer on the main thread); never blocks."""
+        raise NotImplementedError
+
+    def _drained(self) -> bool:
+        """Whether everything the ended process wrote has been read."""
+        return True
 
     @property
     def banner(self) -> str:
@@ -110,6 +119,22 @@ class EngineSubprocess:
     @property
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the process ends and its output is read (tests, scripts), polling all the
+        while; returns its exit status."""
+        assert self.proc is not None, "not started"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            rc = self.proc.poll()
+            if rc is not None and self._drained():
+                self.poll()
+                return rc
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"'uniultra {self.cmd[3] if len(self.cmd) > 3 else ''}' still running "
+                                   f"after {timeout} s")
+            time.sleep(0.05)
 
     def _interrupt(self, sig) -> bool:
         """The first step of a cancel: note it and send ``sig`` to the group (CTRL_BREAK_EVENT on

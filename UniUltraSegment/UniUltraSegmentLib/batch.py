@@ -487,20 +487,6 @@ class BatchRun(EngineSubprocess):
                 return line[len("uniultra: error:"):].strip()
         return "\n".join(self.lines[-5:]) or f"the batch process ended with status {self.returncode}"
 
-    def wait(self, timeout: float | None = None) -> int:
-        """Block until the process ends (tests, scripts); returns its exit status."""
-        assert self.proc is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.poll()
-            rc = self.proc.poll()
-            if rc is not None:
-                self.poll()
-                return rc
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"'uniultra batch' still running after {timeout} s")
-            time.sleep(0.05)
-
     # ---------------------------------------------------------------- cancel
     def cancel(self, grace_s: float = 30.0) -> None:
         """Ask the batch to stop (SIGTERM: the clip in progress is dropped, finished clips stay);

@@ -36,8 +36,7 @@ import re
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,22 +280,8 @@ class EngineProcess(EngineSubprocess):
             self._log.close()
             self._log = None
 
-    def wait(self, timeout: float | None = None, on_lines: Callable[[list[str]], None] | None = None) -> int:
-        """Block until the process ends (tests, scripts), draining output; returns its exit status."""
-        assert self.proc is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            lines = self.poll()
-            if on_lines is not None and lines:
-                on_lines(lines)
-            rc = self.proc.poll()
-            if rc is not None and (self._reader is None or not self._reader.is_alive()) and self._queue.empty():
-                self.poll()
-                self._finish()
-                return rc
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"'{' '.join(self.cmd[:4])}' still running after {timeout} s")
-            time.sleep(0.05)
+    def _drained(self) -> bool:
+        return (self._reader is None or not self._reader.is_alive()) and self._queue.empty()
 
     def cancel(self, grace_s: float = 30.0) -> None:
         """Ask the process group to stop (SIGINT: the trainer saves its resume state after the
