@@ -120,7 +120,9 @@ def test_three_manifest_forms_give_the_same_jobs(tmp_path, clips):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("a,clips/a.seq.nrrd,0,disc,5,x,28,30,\n", "line 2: box value 'x' is not a number"),
+    ("a,clips/a.seq.nrrd,0,disc,5,x,28,30,\n", "line 2: box value 'x': not a number"),
+    ("a,clips/a.seq.nrrd,0,disc,5,inf,28,30,\n", "line 2: box value inf: give a finite number"),
+    ("a,clips/a.seq.nrrd,1.5,disc,5,10,28,30,\n", "line 2: frame 1.5: give a whole number"),
     ("a,clips/a.seq.nrrd,0,disc,5,10,28,30,\nA,clips/b,0,disc,5,10,28,30,\n", "line 3: output name 'A' is already used"),
     ("../up,clips/a.seq.nrrd,0,disc,5,10,28,30,\n", "line 2: output name '../up'"),
     ("a,clips/a.seq.nrrd,0,dis/c,5,10,28,30,\n", "line 2: structure 'dis/c'"),

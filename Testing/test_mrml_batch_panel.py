@@ -138,7 +138,7 @@ def test_settings_refuse_bad_input_before_anything_starts(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("name,clip,frame,structure,x0,y0,x1,y1\na,a.seq.nrrd,0,CCA,1,2,x,4\n")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"m.csv line 2: box value 'x' is not a number"):
+    with pytest.raises(ValueError, match=r"m.csv line 2: box value 'x': not a number"):
         batch.BatchRun(batch.BatchSettings(str(bad), str(out)))
     with pytest.raises(ValueError, match="does not exist"):
         batch.BatchSettings(str(tmp_path / "nope.csv"), str(out)).check()

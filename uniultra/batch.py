@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uniultra.checks import arg_number
+from uniultra.checks import arg_number, number
 from uniultra.errors import Cancelled, InputError
 from uniultra.events import LazyAppend as _LazyAppend  # the engine's one JSON-lines event module
 from uniultra.events import emit_event, jsonable
@@ -108,17 +108,7 @@ def _check_name(value: str, what: str, where: str) -> str:
 
 
 def _number(value, what: str, where: str, integer: bool = False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: {what} {value!r} is not a number") from None
-    if not np.isfinite(v):
-        raise InputError(f"{where}: {what} {value!r} is not a finite number")
-    if integer:
-        if v != int(v):
-            raise InputError(f"{where}: {what} {value!r} must be a whole number")
-        return int(v)
-    return v
+    return number(value, f"{where}: {what}", integer=integer)
 
 
 def _parse_box(raw, where: str):
