@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mrml_fixtures import AXIAL, CORONAL, SAGITTAL, make_volume, mrml_context, slice_to_ras
+from stand_in_engine import StandInEngine
 from UniUltraSegmentLib.controller import PREVIEW_NAME, InteractionController, ViewEvent
 from UniUltraSegmentLib.geometry import slice_geometry
 from UniUltraSegmentLib.logic import ViewTarget, validate_box
@@ -34,51 +35,12 @@ def _close_controllers():
         _controllers.pop().close()  # what the effect's cleanup() does
 
 
-class BoxEngine:
-    """Stand-in model: the mask is the union of the boxes, plus a 3x3 square at each positive point,
-    minus the pixel of each negative point.  Propagation shifts the key box one pixel per frame."""
-
-    def __init__(self):
-        self.images = []
-
-    def predict(self, image, boxes, points, labels):
-        self.images.append(np.array(image))
-        m = np.zeros(image.shape[:2], bool)
-        for x0, y0, x1, y1 in boxes:
-            m[y0 : y1 + 1, x0 : x1 + 1] = True
-        for (x, y), lab in zip(points, labels):
-            if lab:
-                m[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = True
-        for (x, y), lab in zip(points, labels):
-            if not lab:
-                m[y, x] = False
-        return m
-
-    def propagate(self, frames, key_boxes, direction="both", progress=None, cancel=None):
-        (k, boxes), = sorted(key_boxes.items())[:1]
-        x0, y0, x1, y1 = boxes[0]
-        out = []
-        for i, f in enumerate(frames):
-            if cancel is not None and cancel():
-                return [None] * len(frames)
-            if (direction == "forward" and i < k) or (direction == "backward" and i > k):
-                out.append(None)
-            else:
-                m = np.zeros(f.shape[:2], bool)
-                d = i - k
-                m[y0 : y1 + 1, max(x0 + d, 0) : max(x1 + d + 1, 0)] = True
-                out.append(m)
-            if progress is not None:
-                progress((i + 1) / len(frames))
-        return out
-
-
 def _setup(ctx, vol, segment="lesion"):
     seg = create_segmentation_for(ctx, vol)
     sid = get_or_add_segment(seg, segment)
     editor = SegmentEditor(ctx)
     editor.configure(seg, vol, sid)
-    engine = BoxEngine()
+    engine = StandInEngine()
     asked = []
 
     def confirm(question):
@@ -400,3 +362,17 @@ def test_transformed_volume_prompts_land_where_they_are_shown(ctx):
     want = np.zeros((10, 12), bool)
     want[3:7, 4:8] = True
     assert np.array_equal(got, want)
+
+
+def test_rubber_band_draws_the_dragged_box():
+    """The rectangle both effects (desktop and web) draw while a box is dragged."""
+    from UniUltraSegmentLib.rubber_band import RubberBand
+
+    band = RubberBand(line_width=3)
+    assert not band.actor.GetVisibility() and band.hide() is False
+    band.show((10, 20), (40, 5))
+    pts = [band.poly.GetPoints().GetPoint(i)[:2] for i in range(5)]
+    assert pts == [(10, 20), (40, 20), (40, 5), (10, 5), (10, 20)]
+    assert band.poly.GetNumberOfLines() == 1 and band.poly.GetLines().GetNumberOfConnectivityIds() == 5
+    assert band.actor.GetVisibility() and band.actor.GetProperty().GetLineWidth() == 3
+    assert band.hide() is True and not band.actor.GetVisibility() and band.hide() is False

@@ -70,7 +70,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.controller = None
         self.engine = None
         self.engineKey = None
-        self.rubberBands = {}  # viewWidget -> (actor, points, polyData)
+        self.rubberBands = {}  # viewWidget -> UniUltraSegmentLib.rubber_band.RubberBand
         self.propagating = False
 
     def clone(self):
@@ -249,8 +249,8 @@ segmentation one per frame. Masking settings (editable area, intensity range, ov
         self.onStop()
         if self.controller is not None:
             self.controller.reset()
-        for viewWidget, (actor, _points, _poly) in self.rubberBands.items():
-            self.scriptedEffect.removeActor2D(viewWidget, actor)
+        for viewWidget, band in self.rubberBands.items():
+            self.scriptedEffect.removeActor2D(viewWidget, band.actor)
         self.rubberBands = {}
         self._updateButtons()
 
@@ -304,37 +304,18 @@ segmentation one per frame. Masking settings (editable area, intensity range, ov
         return self._show(reply)
 
     def _drawRubberBand(self, viewWidget, xy0, xy1):
+        from UniUltraSegmentLib.rubber_band import RubberBand
+
         if viewWidget not in self.rubberBands:
-            points = vtk.vtkPoints()
-            points.SetNumberOfPoints(5)
-            lines = vtk.vtkCellArray()
-            lines.InsertNextCell(5)
-            for i in range(5):
-                lines.InsertCellPoint(i)
-            poly = vtk.vtkPolyData()
-            poly.SetPoints(points)
-            poly.SetLines(lines)
-            mapper = vtk.vtkPolyDataMapper2D()
-            mapper.SetInputData(poly)
-            actor = vtk.vtkActor2D()
-            actor.SetMapper(mapper)
-            actor.GetProperty().SetColor(1.0, 0.8, 0.0)
-            actor.GetProperty().SetLineWidth(2)
-            self.scriptedEffect.addActor2D(viewWidget, actor)
-            self.rubberBands[viewWidget] = (actor, points, poly)
-        actor, points, poly = self.rubberBands[viewWidget]
-        (x0, y0), (x1, y1) = xy0, xy1
-        for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]):
-            points.SetPoint(i, x, y, 0)
-        points.Modified()
-        poly.Modified()
-        actor.VisibilityOn()
+            band = RubberBand(line_width=2)
+            self.scriptedEffect.addActor2D(viewWidget, band.actor)
+            self.rubberBands[viewWidget] = band
+        self.rubberBands[viewWidget].show(xy0, xy1)
         self.scriptedEffect.forceRender(viewWidget)
 
     def _hideRubberBands(self):
-        for viewWidget, (actor, _points, _poly) in self.rubberBands.items():
-            if actor.GetVisibility():
-                actor.VisibilityOff()
+        for viewWidget, band in self.rubberBands.items():
+            if band.hide():
                 self.scriptedEffect.forceRender(viewWidget)
 
     # ------------------------------------------------------------------ engine

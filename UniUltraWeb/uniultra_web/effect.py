@@ -20,6 +20,7 @@ from collections.abc import Callable
 import vtk
 from slicer import vtkMRMLAbstractViewNode, vtkMRMLNode, vtkMRMLSliceNode
 from trame_slicer.segmentation import SegmentationEffect, SegmentationEffectPipeline
+from UniUltraSegmentLib.rubber_band import RubberBand
 
 # vtkEvent modifier bits (vtkEvent.h: ShiftModifier 1, ControlModifier 2, AltModifier 4)
 SHIFT, CTRL, ALT = 1, 2, 4
@@ -41,33 +42,18 @@ class UniUltraPipeline(SegmentationEffectPipeline):
     def __init__(self):
         super().__init__()
         self._renderer = None
-        points = vtk.vtkPoints()
-        points.SetNumberOfPoints(5)
-        lines = vtk.vtkCellArray()
-        lines.InsertNextCell(5)
-        for i in range(5):
-            lines.InsertCellPoint(i)
-        self._poly = vtk.vtkPolyData()
-        self._poly.SetPoints(points)
-        self._poly.SetLines(lines)
-        mapper = vtk.vtkPolyDataMapper2D()
-        mapper.SetInputData(self._poly)
-        self._band = vtk.vtkActor2D()
-        self._band.SetMapper(mapper)
-        self._band.GetProperty().SetColor(1.0, 0.8, 0.0)
-        self._band.GetProperty().SetLineWidth(3)
-        self._band.VisibilityOff()
+        self._band = RubberBand(line_width=3)  # the desktop effect's rubber band, a bit thicker for touch
 
     # --- LayerDM pipeline API (LayerDMLib/vtkMRMLLayerDMScriptedPipeline.py)
 
     def OnRendererAdded(self, renderer) -> None:
         if renderer is not None:
-            renderer.AddViewProp(self._band)
+            renderer.AddViewProp(self._band.actor)
         self._renderer = renderer
 
     def OnRendererRemoved(self, renderer) -> None:
         if renderer is not None:
-            renderer.RemoveViewProp(self._band)
+            renderer.RemoveViewProp(self._band.actor)
         self._renderer = None
 
     def CanProcessInteractionEvent(self, event_data) -> tuple[bool, float]:
@@ -109,16 +95,9 @@ class UniUltraPipeline(SegmentationEffectPipeline):
     # --- rubber band
 
     def _draw(self, xy0, xy1) -> None:
-        (x0, y0), (x1, y1) = xy0, xy1
-        points = self._poly.GetPoints()
-        for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]):
-            points.SetPoint(i, x, y, 0)
-        points.Modified()
-        self._poly.Modified()
-        self._band.VisibilityOn()
+        self._band.show(xy0, xy1)
         self.RequestRender()
 
     def _hide(self) -> None:
-        if self._band.GetVisibility():
-            self._band.VisibilityOff()
+        if self._band.hide():
             self.RequestRender()
