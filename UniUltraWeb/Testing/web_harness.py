@@ -13,43 +13,7 @@ history) and ViewEvents built from frame pixels.
 from __future__ import annotations
 
 import numpy as np
-
-
-class StandInEngine:
-    """Deterministic stand-in with the engine's call shapes: mask = union of the boxes, a 3x3 square
-    at each positive point, minus each negative point's pixel; propagation shifts the first key
-    box one pixel right per frame."""
-
-    def __init__(self):
-        self.calls = []
-
-    def predict(self, image, boxes, points, labels):
-        self.calls.append((np.array(image), list(boxes), list(points), list(labels)))
-        m = np.zeros(image.shape[:2], bool)
-        for x0, y0, x1, y1 in boxes:
-            m[y0 : y1 + 1, x0 : x1 + 1] = True
-        for (x, y), lab in zip(points, labels):
-            if lab:
-                m[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = True
-        for (x, y), lab in zip(points, labels):
-            if not lab:
-                m[y, x] = False
-        return m
-
-    def propagate(self, frames, key_boxes, direction="both", progress=None, cancel=None):
-        (k, boxes), = sorted(key_boxes.items())[:1]
-        x0, y0, x1, y1 = boxes[0]
-        out = []
-        for i, f in enumerate(frames):
-            if cancel is not None and cancel():
-                return [None] * len(frames)
-            m = np.zeros(f.shape[:2], bool)
-            d = i - k
-            m[y0 : y1 + 1, max(x0 + d, 0) : max(x1 + d + 1, 0)] = True
-            out.append(m)
-            if progress is not None:
-                progress((i + 1) / len(frames))
-        return out
+from stand_in_engine import StandInEngine  # noqa: F401  (Testing/, on the path: the desktop tests' stand-in)
 
 
 class WebHarness:
