@@ -3,6 +3,8 @@
 ``data_root``: the shared ultrasound data folder (README there), from the environment variable
 ``UNIULTRA_DATA`` or ``<repo>/../shared/data``; tests using it are skipped with a clear reason when
 it is missing.  ``dataset_root(name)`` gives one dataset folder inside it (skips if absent).
+``ckpt``: a small model (uniultra-student-e8, 64 px, random weights: speed, not quality) saved in
+the engine's checkpoint format, once per session; tests only read it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ if str(REPO) not in sys.path:
 def _data_dir() -> Path:
     env = os.environ.get("UNIULTRA_DATA")
     return Path(env).expanduser() if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> str:
+    import torch
+
+    from uniultra.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(build_model("uniultra-student-e8", image_size=64), path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

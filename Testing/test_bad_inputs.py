@@ -16,17 +16,9 @@ import torch
 from PIL import Image
 
 from uniultra.cli import main
-from uniultra.models import build_model, save_checkpoint
+from uniultra.models import build_model
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(build_model("uniultra-student-e8", image_size=64), path)
-    return path
 
 
 @pytest.fixture(scope="module")

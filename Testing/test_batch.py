@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from uniultra.batch import (
@@ -30,18 +29,10 @@ from uniultra.cli import main
 from uniultra.data.io import write_seq_nrrd
 from uniultra.errors import Cancelled, InputError
 from uniultra.inference import Predictor
-from uniultra.models import build_model, save_checkpoint
+from uniultra.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 40, 48
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(build_model("uniultra-student-e8", image_size=64), path)
-    return str(path)
 
 
 def _frames(n, seed):

@@ -11,17 +11,8 @@ import torch
 from PIL import Image
 
 from uniultra.cli import main
-from uniultra.models import build_model, save_checkpoint
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(build_model("uniultra-student-e8", image_size=SIZE), path)
-    return str(path)
 
 
 @pytest.fixture

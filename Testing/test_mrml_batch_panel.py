@@ -32,19 +32,6 @@ RUN_TIMEOUT = 900  # a loaded 2-core machine needs tens of seconds to start torc
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # two cores shared with other jobs: no spinning thread pool
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A small model saved in the engine's checkpoint format (random weights: speed, not quality)."""
-    import torch
-
-    from uniultra.models import build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(build_model("uniultra-student-e8", image_size=64), path)
-    return str(path)
-
-
 def _frames(n, seed, rgb=False):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:H, :W]

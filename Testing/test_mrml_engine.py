@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from mrml_fixtures import AXIAL, make_volume, mrml_context, slice_to_ras
 from UniUltraSegmentLib.controller import InteractionController, ViewEvent
 from UniUltraSegmentLib.engine import PredictorEngine, load_predictor
@@ -16,18 +15,8 @@ from UniUltraSegmentLib.segments import (
     segment_array,
 )
 
-from uniultra.models import build_model, save_checkpoint
-
 pytestmark = pytest.mark.mrml
 ctx = pytest.fixture(mrml_context)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "tiny.pt"
-    save_checkpoint(build_model("uniultra-student-e8", image_size=64), path)
-    return str(path)
 
 
 def test_effect_pipeline_with_the_engine(ctx, ckpt):
