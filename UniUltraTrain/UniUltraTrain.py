@@ -88,10 +88,7 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = UniUltraTrainLogic()
         self.settings = qt.QSettings()
-        self.run = None  # runner.TrainingRun being shown
-        self.evalProcess = None  # runner.EngineProcess of an evaluation
-        self.evalQueue = []  # (key, model, data) evaluations still to run
-        self.results = {}
+        self.session = None  # UniUltraTrainLib.session.TrainSession of the last Start (its stages and results)
         self.chart = None
         self.lastChart = 0
         self.exportResult = None
@@ -111,8 +108,8 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.timer.stop()
         self.removeObservers()
-        if self.run is not None and self.run.running:
-            logging.info("UniUltraTrain: leaving the training process running in the background")
+        if self.session is not None and self.session.active:
+            logging.info("UniUltraTrain: leaving the training or evaluation process running in the background")
 
     def workFolder(self) -> Path:
         return Path(self.settings.value(SETTINGS_WORKDIR, str(Path.home() / "UniUltra")))
@@ -352,7 +349,7 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return str(self.workFolder() / "runs" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
     def onStart(self, resume=False, distill=False):
-        if self.run is not None and self.run.running:
+        if self.session is not None and self.session.active:
             slicer.util.infoDisplay("A training run is still going: cancel it first.")
             return
         if not self.logic.ensureDependencies():
@@ -367,6 +364,8 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setRunning(False)
 
     def _start(self, resume, distill):
+        from UniUltraTrainLib.session import TrainSession
+
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
             options = self.distillOptions(resume) if distill else self.trainOptions(resume)
             options.check()
@@ -374,49 +373,22 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError(f"'{options.out}' has no resume state (last.pt): start a new run instead")
             if not resume and self.logic.canResume(options.out):
                 raise ValueError(f"'{options.out}' already holds a run: press Resume, or choose another run folder")
-            self.results = {}
-            self.logView.clear()
-            self.evalQueue = []
             base = options.teacher if distill else options.base
-            if self.measureBefore.checked and not resume and self.logic.hasWeights(base):
-                self.evalQueue.append(("before", base, options.data[0]))
-            self.pendingOptions = options
-            self.distilling = distill
+            device = self.deviceCombo.currentText
+            self.session = TrainSession(
+                options, distill=distill,
+                measure_before=self.measureBefore.checked and not resume and self.logic.hasWeights(base),
+                start_training=self.logic.startTraining,
+                start_evaluation=lambda model, data: self.logic.startEvaluation(model, data, device))
+            self.logView.clear()
+            self._showResults()
             self._setRunning(True)
-            self.statusLabel.text = "Measuring the base model..." if self.evalQueue else "Training..."
-            if self.evalQueue:
-                self._startNextEvaluation()
-            else:
-                self._startTraining()
-
-    def _startTraining(self):
-        from UniUltraTrainLib.chart import TrainingChart
-
-        self.run = self.logic.startTraining(self.pendingOptions)
-        self.appendLog(f"$ {' '.join(self.run.cmd)}")
-        if self.chart is None:
-            self.chart = TrainingChart.create(slicer.mrmlScene)
-            viewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode")
-            viewNode.SetSaveWithScene(False)
-            viewNode.SetPlotChartNodeID(self.chart.chart.GetID())
-            self.plotView.setMRMLPlotViewNode(viewNode)
-        self.chart.update({})
-        self.timer.start()
-
-    def _startNextEvaluation(self):
-        key, model, data = self.evalQueue.pop(0)
-        self.evalKey = key
-        self.appendLog(f"evaluating {model} on the validation split ({key})...")
-        self.evalProcess = self.logic.startEvaluation(model, data, self.deviceCombo.currentText)
-        self.timer.start()
+            self.timer.start()
+            self._show(self.session.start())  # a launch that fails ends the session: timer off, buttons back
 
     def onCancel(self):
-        if self.evalProcess is not None and self.evalProcess.running:
-            self.evalQueue = []
-            self.evalProcess.cancel(grace_s=5)
-        if self.run is not None and self.run.running:
-            self.run.cancel()
-            self.statusLabel.text = "Stopping after the current step; the last checkpoint is kept (Resume continues)."
+        if self.session is not None:
+            self._show(self.session.cancel())
 
     def appendLog(self, text):
         self.logView.appendPlainText(text)
@@ -429,93 +401,63 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPoll(self):
         import time
 
-        if self.evalProcess is not None:
-            for line in self.evalProcess.poll():
-                if not line.lstrip().startswith(("{", "}", '"')):
-                    self.appendLog(line)
-            if not self.evalProcess.running and self.evalProcess.returncode is not None:
-                self.evalProcess.wait(5)
-                self._evaluationDone(self.evalProcess)
-            return
-        if self.run is None:
+        if self.session is None:
             self.timer.stop()
             return
-        for line in self.run.poll():
+        update = self.session.poll()
+        run = self.session.run
+        now = time.monotonic() * 1000
+        if run is not None and self.chart is not None and (
+                update.training_ended or (run.running and now - self.lastChart > CHART_EVERY_MS)):
+            self.lastChart = now
+            self.chart.update(run.metrics())
+        self._show(update)
+
+    def _show(self, update):
+        """Show what the session reports (UniUltraTrainLib.session.Update)."""
+        for line in update.log:
             self.appendLog(line)
-        if self.run.progress:
-            done, total = self.run.progress
+        if update.training_started:
+            self._resetChart()
+        if update.progress:
+            done, total = update.progress
             self.progressBar.setRange(0, total)
             self.progressBar.value = done
-            self.statusLabel.text = f"step {done}/{total}" + (
-                f", last val Dice {self.run.last_val[1]:.3f}" if self.run.last_val else "")
-        now = time.monotonic() * 1000
-        if now - self.lastChart > CHART_EVERY_MS or not self.run.running:
-            self.lastChart = now
-            self.chart.update(self.run.metrics())
-        if self.run.running:
-            return
-        self.run.wait(10)
-        status = self.run.status
-        self.appendLog(f"training {status} (exit status {self.run.returncode})")
-        self.chart.update(self.run.metrics())
-        if status == "finished":
-            summary = self.run.summary() or {}
-            self.results["training best"] = {"dice": summary.get("best_val_dice")}
-            model = summary.get("model") or str(Path(self.run.out) / "model.pt")
-            self.evalQueue.append(("after", model, self.run.options.data[0]))
-            if getattr(self, "distilling", False):
-                self.evalQueue.append(("teacher", self.run.options.teacher, self.run.options.data[0]))
-            self.statusLabel.text = "Finished; measuring the trained model..."
-            self._startNextEvaluation()
-            return
-        self.timer.stop()
-        self._setRunning(False)
-        if status == "cancelled":
-            self.statusLabel.text = "Cancelled. Press Resume to continue from the last checkpoint."
-        else:
-            self.statusLabel.text = "Training failed: " + self.run.error_message()
-            slicer.util.errorDisplay("Training failed:\n" + self.run.error_message())
-
-    def _evaluationDone(self, process):
-        from UniUltraTrainLib import runner
-
-        key = self.evalKey
-        self.evalProcess = None
-        if process.returncode == 0:
-            try:
-                self.results[key] = runner.summarize_evaluation(runner.parse_json_output(process.output()))
-            except ValueError as exc:
-                self.appendLog(f"could not read the evaluation: {exc}")
-        else:
-            self.appendLog(f"evaluation ({key}) failed: " + "\n".join(process.lines[-3:]))
-        if key == "before":
-            if process.cancel_requested:
-                self.timer.stop()
-                self._setRunning(False)
-                self.statusLabel.text = "Cancelled before training started."
-                return
-            self.statusLabel.text = "Training..."
+        if update.status is not None:
+            self.statusLabel.text = update.status
+        if update.results_changed:
             self._showResults()
-            self._startTraining()
-            return
-        if self.evalQueue:
-            self._startNextEvaluation()
-            return
-        self.timer.stop()
-        self._setRunning(False)
-        self._showResults()
-        self.statusLabel.text = "Done. Review the result and register the model."
-        self.refreshBases()
+        if update.ended:
+            self.timer.stop()
+            self._setRunning(False)
+            self._showResults()
+        if update.models_changed:
+            self.refreshBases()
+        if update.error:
+            slicer.util.errorDisplay(update.error)
+
+    def _resetChart(self):
+        from UniUltraTrainLib.chart import TrainingChart
+
+        if self.chart is None:
+            self.chart = TrainingChart.create(slicer.mrmlScene)
+            viewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+            viewNode.SetSaveWithScene(False)
+            viewNode.SetPlotChartNodeID(self.chart.chart.GetID())
+            self.plotView.setMRMLPlotViewNode(viewNode)
+        self.chart.update({})
 
     def _showResults(self):
         from UniUltraTrainLib.runner import comparison_rows
 
-        if getattr(self, "distilling", False):
-            rows = comparison_rows(self.results.get("teacher"), self.results.get("after"), ("teacher", "student"))
+        session = self.session
+        results = session.results if session is not None else {}
+        if session is not None and session.distill:
+            rows = comparison_rows(results.get("teacher"), results.get("after"), ("teacher", "student"))
             _fillTable(self.distillTable, rows, ["model", "dice", "seconds_per_image"])
-        rows = comparison_rows(self.results.get("before"), self.results.get("after"))
+        rows = comparison_rows(results.get("before"), results.get("after"))
         _fillTable(self.resultTable, rows, ["model", "dice", "seconds_per_image"])
-        self.registerButton.enabled = self.run is not None and not self.run.running and self.run.status == "finished"
+        self.registerButton.enabled = session is not None and session.can_register
 
     # ------------------------------------------------------------------ 3. results
     def _setupResultPanel(self):
@@ -544,11 +486,12 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.registerButton.connect("clicked()", self.onRegister)
 
     def onRegister(self):
-        if self.run is None:
+        if self.session is None or not self.session.can_register:
             return
         with slicer.util.tryWithErrorDisplay("Registering the model failed.", waitCursor=True):
-            entry = self.logic.register(self.modelName.text.strip(), self.run, self.results.get("before"),
-                                        self.results.get("after"))
+            session = self.session
+            entry = self.logic.register(self.modelName.text.strip(), session.run, session.results.get("before"),
+                                        session.results.get("after"))
             if self.useAfterRegister.checked:
                 self.settings.setValue(SETTINGS_MODEL, entry.name)
             self.refreshBases()
