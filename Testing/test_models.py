@@ -272,3 +272,25 @@ def test_ch_adapter_hooks_follow_a_deep_copy():
         changed = twin.decode(twin.encode(x), box)[0]
         assert not torch.allclose(changed, before, atol=1e-4)
         assert torch.equal(m.decode(m.encode(x), box)[0], before)
+
+
+def test_cnn_branch_hooks_follow_a_deep_copy():
+    """The CNN branch is wired by hooks on sam2's own trunk (no class swap): a deep copy computes
+    the same and runs its own branch."""
+    import copy
+
+    torch.manual_seed(0)
+    m = build_model("sam2.1-hiera-tiny", image_size=64, random_init=True, peft="cnn-branch",
+                    peft_options={"depth": 18}).eval()
+    trunk = m.sam.image_encoder.trunk
+    assert type(trunk).__module__.startswith("sam2.")
+    x = torch.randn(1, 3, 64, 64)
+    box = torch.tensor([[8.0, 8.0, 40.0, 50.0]])
+    before = m.decode(m.encode(x), box)[0]
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        assert torch.equal(twin.decode(twin.encode(x), box)[0], before)
+        for conv in twin.sam.image_encoder.trunk.cnn_branch.proj.values():
+            conv.weight.fill_(0.01)  # zero-initialised: give the copy's branch a say
+        assert not torch.allclose(twin.decode(twin.encode(x), box)[0], before, atol=1e-4)
+        assert torch.equal(m.decode(m.encode(x), box)[0], before)

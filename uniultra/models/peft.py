@@ -202,33 +202,64 @@ class CNNBranch(nn.Module):
         return maps
 
 
-class CNNBranchHiera(Hiera):
-    """Hiera trunk with SAM-UNet's parallel CNN branch (installed by class swap)."""
+class _CNNMaps:
+    """The branch's stage maps for the forward pass in progress (a plain object shared by one
+    trunk's hooks; it owns no weights)."""
 
-    cnn_branch: CNNBranch
+    def __init__(self):
+        self.maps: list[torch.Tensor] | None = None
 
-    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:  # noqa: D102
-        cnn_maps = self.cnn_branch(image)
-        x = self.patch_embed(image)
-        x = x + self._get_pos_embed(x.shape[1:3])
-        outputs = []
-        for i, blk in enumerate(self.blocks):
-            if i in self.cnn_branch.block_stage:
-                feat = cnn_maps[self.cnn_branch.block_stage[i]]
-                feat = self.cnn_branch.proj[str(i)](feat)
-                if feat.shape[-2:] != x.shape[1:3]:
-                    feat = F.interpolate(feat, size=x.shape[1:3], mode="bilinear", align_corners=False)
-                x = x + feat.permute(0, 2, 3, 1)
-            x = blk(x)
-            if (i == self.stage_ends[-1]) or (i in self.stage_ends and self.return_interm_layers):
-                outputs.append(x.permute(0, 3, 1, 2))
-        return outputs
+
+class _CNNBranchRun:
+    """Forward pre-hook on the trunk: run the branch on the trunk's input image."""
+
+    def __init__(self, branch: CNNBranch, state: _CNNMaps):
+        self.branch, self.state = branch, state
+
+    def __call__(self, _trunk, args):
+        self.state.maps = self.branch(args[0])
+
+
+class _CNNBranchAdd:
+    """Forward pre-hook on block ``index``: add the branch's projected map of that block's stage
+    to the tokens that enter it (resized to the token grid where they differ)."""
+
+    def __init__(self, branch: CNNBranch, state: _CNNMaps, index: int):
+        self.branch, self.state, self.index = branch, state, index
+
+    def __call__(self, _blk, args):
+        x = args[0]
+        if self.state.maps is None:  # the block run outside the trunk's forward
+            return None
+        feat = self.branch.proj[str(self.index)](self.state.maps[self.branch.block_stage[self.index]])
+        if feat.shape[-2:] != x.shape[1:3]:
+            feat = F.interpolate(feat, size=x.shape[1:3], mode="bilinear", align_corners=False)
+        return (x + feat.permute(0, 2, 3, 1), *args[1:])
+
+
+class _CNNBranchClear:
+    """Forward hook on the trunk: the pass is over, drop the branch's maps."""
+
+    def __init__(self, state: _CNNMaps):
+        self.state = state
+
+    def __call__(self, _trunk, _args, _out):
+        self.state.maps = None
 
 
 def _cnn_branch(trunk: Hiera, depth: int) -> list[nn.Parameter]:
+    """SAM-UNet's branch beside ``trunk`` (``trunk.cnn_branch``), wired in with hooks on sam2's own
+    modules (its ``Hiera.forward`` runs unchanged): the branch runs on the image as the trunk
+    starts, and its projected stage map is added to the tokens entering each global block."""
+    if hasattr(trunk, "cnn_branch"):
+        raise ValueError("this Hiera trunk already has a CNN branch")
     branch = CNNBranch(trunk, depth).to(trunk.pos_embed.device)
-    trunk.__class__ = CNNBranchHiera
     trunk.cnn_branch = branch
+    state = _CNNMaps()
+    trunk.register_forward_pre_hook(_CNNBranchRun(branch, state))
+    for b in branch.inject_blocks:
+        trunk.blocks[b].register_forward_pre_hook(_CNNBranchAdd(branch, state, b))
+    trunk.register_forward_hook(_CNNBranchClear(state))
     return list(branch.parameters())
 
 
