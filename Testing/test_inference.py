@@ -192,6 +192,30 @@ def test_onnx_parity(model, busi_image, tmp_path):
         assert abs(score - float(ref.scores[0])) < PARITY_TOLERANCE
 
 
+def test_onnx_export_leaves_the_model_as_it_was(tmp_path):
+    """A model with BatchNorm (the cnn-branch's ResNet) in eval mode: the export left it in
+    training mode (torch.onnx.export restored its wrapper's mode), so its embeddings changed by
+    about 7 after an export; now the mode is kept and the ONNX encoder matches the model."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = build_model("sam2.1-hiera-tiny", image_size=64, random_init=True, peft="cnn-branch",
+                    peft_options={"depth": 18}).eval()
+    with torch.no_grad():
+        for conv in m.sam.image_encoder.trunk.cnn_branch.proj.values():
+            conv.weight.normal_(0, 0.05)
+        x = torch.randn(1, 3, 64, 64)
+        before = m.encode(x)["image_embed"]
+        enc, _ = export_onnx(m, tmp_path / "m.onnx")
+        assert not m.training and not any(mod.training for mod in m.modules())
+        assert torch.equal(m.encode(x)["image_embed"], before)
+    onnx = ort.InferenceSession(str(enc)).run(None, {"image": x.numpy()})[0]
+    assert np.abs(onnx - before.numpy()).max() < PARITY_TOLERANCE
+    m.train()
+    export_onnx(m, tmp_path / "again.onnx")
+    assert m.training  # a model in training mode stays in it
+
+
 def test_memory_propagation_runs_from_numpy_frames():
     """SAM2's video predictor path on in-memory frames (random weights: mechanics only)."""
     from uniultra.inference import propagate_memory

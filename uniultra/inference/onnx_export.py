@@ -78,7 +78,17 @@ def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
         raise InputError(f"model {model.name} has no high-resolution decoder features; ONNX export needs them")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
+    was_training = model.training
+    try:
+        return _export(model.cpu().eval(), out, single, opset)
+    finally:
+        # torch.onnx.export puts the module it is given back into *that module's* mode, recursively:
+        # a wrapper left in training mode switched the model to training mode, so a model with
+        # BatchNorm (the cnn-branch's ResNet) computed other embeddings after an export
+        model.train(was_training)
+
+
+def _export(model, out: Path, single: bool, opset: int) -> tuple[Path, Path]:
     s = model.image_size
     image = torch.zeros(1, 3, s, s)
     with torch.no_grad():
@@ -94,9 +104,9 @@ def export_onnx(model, out: str | Path, opset: int = 17) -> tuple[Path, Path]:
         tmp_enc, tmp_dec = staged.path(out), staged.path(dec_out)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Encoder(model), (image,), str(tmp_enc), dynamo=False, opset_version=opset,
+            torch.onnx.export(_Encoder(model).eval(), (image,), str(tmp_enc), dynamo=False, opset_version=opset,
                               input_names=["image"], output_names=feat_names)
-            torch.onnx.export(decoder, dec_inputs, str(tmp_dec), dynamo=False,
+            torch.onnx.export(decoder.eval(), dec_inputs, str(tmp_dec), dynamo=False,
                               opset_version=opset,
                               input_names=feat_names + ["point_coords", "point_labels"],
                               output_names=["logits", "iou"],
