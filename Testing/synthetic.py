@@ -1,5 +1,6 @@
-"""A tiny synthetic dataset in the uniform layout (bright ellipses on noise), for fast training
-and distillation tests."""
+"""Synthetic data for fast tests: a tiny dataset in the uniform layout (bright ellipses on noise)
+for training and distillation, and short cine clips (a disc drifting over speckle) for batch
+labelling."""
 
 from __future__ import annotations
 
@@ -29,3 +30,17 @@ def make_dataset(root: Path, n_train: int = 12, n_val: int = 3, size: int = 64, 
         w.writerow(["id", "split"])
         w.writerows(rows)
     return root
+
+
+def drifting_disc_frames(n: int, seed: int, h: int = 40, w: int = 48, rgb: bool = False) -> list[np.ndarray]:
+    """``n`` frames of a bright disc (radius about 9 px, centre row 20) moving one pixel right per
+    frame from column 15, over uniform speckle; uint8 (H, W), or (H, W, 3) colour with ``rgb``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    out = []
+    for i in range(n):
+        a = rng.random((h, w)) * 60
+        a[(yy - 20) ** 2 + (xx - 15 - i) ** 2 < 80] += 150
+        a = a.astype(np.uint8)
+        out.append(np.stack([a, a // 2, 255 - a], -1) if rgb else a)
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import drifting_disc_frames
 
 from uniultra.batch import (
     STATE_DIR,
@@ -36,14 +37,7 @@ H, W = 40, 48
 
 
 def _frames(n, seed):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:H, :W]
-    out = []
-    for i in range(n):  # a bright disc drifting right over speckle
-        a = rng.random((H, W)) * 60
-        a[(yy - 20) ** 2 + (xx - 15 - i) ** 2 < 80] += 150
-        out.append(a.astype(np.uint8))
-    return out
+    return drifting_disc_frames(n, seed, H, W)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mrml_fixtures import AXIAL, mrml_context, slice_to_ras
+from synthetic import drifting_disc_frames
 from UniUltraSegmentLib import batch
 from UniUltraSegmentLib.geometry import slice_geometry, volume_array
 from UniUltraSegmentLib.segments import SegmentEditor, segment_array
@@ -33,15 +34,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # two cores shared with 
 
 
 def _frames(n, seed, rgb=False):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:H, :W]
-    out = []
-    for i in range(n):  # a bright disc drifting right over speckle
-        a = rng.random((H, W)) * 60
-        a[(yy - 20) ** 2 + (xx - 15 - i) ** 2 < 80] += 150
-        a = a.astype(np.uint8)
-        out.append(np.stack([a, a // 2, 255 - a], -1) if rgb else a)
-    return out
+    return drifting_disc_frames(n, seed, H, W, rgb)
 
 
 def _box(x0, y0, x1, y1):
