@@ -20,13 +20,18 @@ WEB_MRML_TESTS := Testing/test_mrml_geometry.py Testing/test_mrml_segments.py Te
 
 setup: $(STAMP) web-setup
 
+# One recipe for both environments (the pins in one place): $(1) its folder, $(2) the project's pip extra
+define make_venv
+	$(PY) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade "pip<26.2" setuptools wheel
+	$(1)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	SAM2_BUILD_CUDA=0 $(1)/bin/pip install -q --no-build-isolation "sam2==1.1.0"
+	$(1)/bin/pip install -q --no-build-isolation -e ".[$(2)]"
+	touch $(1)/.installed
+endef
+
 $(STAMP): pyproject.toml Makefile
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip<26.2" setuptools wheel
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-build-isolation "sam2==1.1.0"
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
-	touch $(STAMP)
+	$(call make_venv,$(VENV),dev)
 
 # The demo image ships in the repository (carotid B-mode frame, CC BY 4.0; see its README), so
 # `make demo` works on a bare clone; DEMO_IMAGE/DEMO_BOX choose another.
@@ -34,12 +39,7 @@ DEMO_IMAGE ?= UniUltraSegment/Resources/SampleData/CarotidUS.png
 DEMO_BOX ?= 50 132 123 199
 
 $(WEB_STAMP): pyproject.toml Makefile
-	$(PY) -m venv $(WEB_VENV)
-	$(WEB_BIN)/pip install -q --upgrade "pip<26.2" setuptools wheel
-	$(WEB_BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	SAM2_BUILD_CUDA=0 $(WEB_BIN)/pip install -q --no-build-isolation "sam2==1.1.0"
-	$(WEB_BIN)/pip install -q --no-build-isolation -e ".[web]"
-	touch $(WEB_STAMP)
+	$(call make_venv,$(WEB_VENV),web)
 
 # Debian's chromium for the browser tests (Playwright drives /usr/bin/chromium; no `playwright
 # install`).  Installed when this runs as root with apt-get; otherwise the browser tests skip and
