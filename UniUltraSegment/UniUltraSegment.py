@@ -254,15 +254,8 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
             f"Download '{entry.name}' ({entry.license}) from\n{entry.url}\ninto\n{dest}?\n\n{check}"
         ):
             return
-        try:
-            path = self._runWhilePumping(lambda progress, cancelled: models.install_model(entry, progress, cancelled))
-            self.settings.setValue(SETTINGS_MODEL, str(path))
-        except models.DownloadCancelled:
-            slicer.util.showStatusMessage("Download cancelled", 3000)
-        except (OSError, ValueError) as exc:
-            slicer.util.errorDisplay(str(exc))
-        finally:
-            self.refreshModels()
+        self._installWhilePumping(lambda progress, cancelled: models.install_model(entry, progress, cancelled),
+                                  "Download cancelled")
 
     def onImportWeights(self):
         from UniUltraSegmentLib import models
@@ -274,11 +267,18 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
         path = qt.QFileDialog.getOpenFileName(None, f"Weights of {entry.name}", "", "Checkpoints (*.pt *.pth *.ckpt)")
         if not path:
             return
+        self._installWhilePumping(lambda progress, cancelled: models.import_weights(entry, path), "Import cancelled")
+
+    def _installWhilePumping(self, work, cancelledMessage):
+        """Download or import weights (``work(progress, cancelled)`` returns the installed file) with
+        the UI live; the installed model becomes the chosen one; errors shown, the table refreshed."""
+        from UniUltraSegmentLib import models
+
         try:
-            installed = self._runWhilePumping(lambda progress, cancelled: models.import_weights(entry, path))
-            self.settings.setValue(SETTINGS_MODEL, str(installed))
+            path = self._runWhilePumping(work)
+            self.settings.setValue(SETTINGS_MODEL, str(path))
         except models.DownloadCancelled:
-            slicer.util.showStatusMessage("Import cancelled", 3000)
+            slicer.util.showStatusMessage(cancelledMessage, 3000)
         except (OSError, ValueError) as exc:
             slicer.util.errorDisplay(str(exc))
         finally:
