@@ -87,6 +87,9 @@ def test_a_signal_reaches_the_workers_the_engine_started(tmp_path):
         time.sleep(0.05)
     assert not _alive(worker), "the worker outlived the cancel: the signal did not reach the group"
     assert not run.running and not run._interrupt(signal.SIGTERM)
+    assert run.error_message() == f"the batch process ended with status {-signal.SIGTERM}"
+    run.lines += ["loading", "uniultra: error: the manifest has no rows", "Traceback..."]
+    assert run.error_message() == "the manifest has no rows"
 
 
 def test_a_failed_launch_closes_the_log(tmp_path):

@@ -74,6 +74,7 @@ class EngineSubprocess:
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self.cancel_requested = False
+        self.lines: list[str] = []  # what the process printed, as far as it has been read
 
     def _open_output(self) -> int | IO:
         """Where the process's output goes (``subprocess.PIPE`` or an open file)."""
@@ -135,6 +136,14 @@ class EngineSubprocess:
                 raise TimeoutError(f"'uniultra {self.cmd[3] if len(self.cmd) > 3 else ''}' still running "
                                    f"after {timeout} s")
             time.sleep(0.05)
+
+    def error_message(self) -> str:
+        """The engine's one-line error (``uniultra: error: ...``), or the last lines of its output."""
+        for line in reversed(self.lines):
+            if line.startswith("uniultra: error:"):
+                return line[len("uniultra: error:"):].strip()
+        sub = self.cmd[3] if len(self.cmd) > 3 else "engine"
+        return "\n".join(self.lines[-5:]) or f"the {sub} process ended with status {self.returncode}"
 
     def _interrupt(self, sig) -> bool:
         """The first step of a cancel: note it and send ``sig`` to the group (CTRL_BREAK_EVENT on

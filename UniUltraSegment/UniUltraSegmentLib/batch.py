@@ -355,7 +355,6 @@ class BatchRun(EngineSubprocess):
         self.events_path, self.log_path = settings.run_files()
         super().__init__(settings.args(self.events_path), python, env)
         self.events: list[dict] = []
-        self.lines: list[str] = []
         self.total: int | None = None  # clips this run labels (the rest were done already)
         self.skipped = 0
         self.done = 0
@@ -482,10 +481,7 @@ class BatchRun(EngineSubprocess):
     def error_message(self) -> str:
         """The engine's one-line error (``uniultra: error: ...``), or the last lines of its output."""
         self._read_log()
-        for line in reversed(self.lines):
-            if line.startswith("uniultra: error:"):
-                return line[len("uniultra: error:"):].strip()
-        return "\n".join(self.lines[-5:]) or f"the batch process ended with status {self.returncode}"
+        return super().error_message()
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, grace_s: float = 30.0) -> None:

@@ -204,7 +204,6 @@ class EngineProcess(EngineSubprocess):
                  cwd: str | None = None, log_path: str | os.PathLike | None = None):
         super().__init__(args, python, env, cwd)
         self.log_path = Path(log_path) if log_path else None
-        self.lines: list[str] = []
         self.progress: tuple[int, int] | None = None
         self.last_val: tuple[int, float] | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -382,10 +381,7 @@ class TrainingRun(EngineProcess):
         failed = self.last_event("failed")
         if failed is not None and failed.get("error"):
             return str(failed["error"])
-        for line in reversed(self.lines):
-            if line.startswith("uniultra: error:"):
-                return line[len("uniultra: error:"):].strip()
-        return "\n".join(self.lines[-5:]) or f"the training process ended with status {self.returncode}"
+        return super().error_message()
 
 
 def can_resume(out: str | os.PathLike) -> bool:
