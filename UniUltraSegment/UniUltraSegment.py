@@ -173,7 +173,9 @@ class UniUltraSegmentWidget(ScriptedLoadableModuleWidget):
             self.modelTable.setItem(row, 0, qt.QTableWidgetItem(entry.name))
             self.modelTable.setItem(row, 1, qt.QTableWidgetItem(state))
             self.modelTable.setItem(row, 2, qt.QTableWidgetItem(entry.license))
-        self.activeModelLabel.text = str(self.settings.value(SETTINGS_MODEL, "uniultra-mini-us (bundled)"))
+        from UniUltraSegmentLib.engine import DEFAULT_MODEL
+
+        self.activeModelLabel.text = str(self.settings.value(SETTINGS_MODEL, f"{DEFAULT_MODEL} (bundled)"))
 
     def selectedEntry(self):
         row = self.modelTable.currentRow()

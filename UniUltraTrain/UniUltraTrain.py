@@ -32,7 +32,6 @@ MODULE_DIR = Path(__file__).resolve().parent
 SETTINGS_MODEL = "UniUltra/Model"  # the model UniUltraSegment uses (shared setting)
 SETTINGS_DEVICE = "UniUltra/Device"
 SETTINGS_WORKDIR = "UniUltraTrain/WorkFolder"
-BASES = ["uniultra-mini-us", "sam2.1-hiera-tiny", "sam2.1-hiera-small", "sam2-hiera-tiny"]
 POLL_MS = 500
 CHART_EVERY_MS = 2000
 
@@ -319,6 +318,8 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshBases(self):
         current = self.baseCombo.currentText
         self.baseCombo.clear()
+        from UniUltraTrainLib.runner import BASES
+
         names = list(BASES) + [n for n in self.logic.userModels() if n not in BASES]
         self.baseCombo.addItems(names)
         if current:
@@ -500,7 +501,7 @@ class UniUltraTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ 4. distill
     def _setupDistillPanel(self):
         import ctk
-        from UniUltraTrainLib.runner import DEFAULT_STUDENT, STUDENTS
+        from UniUltraTrainLib.runner import BASES, DEFAULT_STUDENT, STUDENTS
 
         box = ctk.ctkCollapsibleButton()
         box.text = "4. Distill a small model"

@@ -25,6 +25,7 @@ from uniultra.checks import (
     number,
 )
 from uniultra.errors import Cancelled, InputError
+from uniultra.registry import DEFAULT_MODEL
 
 EXIT_INPUT = 2
 EXIT_CANCELLED = 130
@@ -426,7 +427,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="registry name or checkpoint path (default: the bundled uniultra-mini-us)")
+    p.add_argument("--model", default=None, help=f"registry name or checkpoint path (default: the bundled {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
 
 

@@ -26,6 +26,10 @@ from uniultra.fileio import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The bundled default model: the one name every front end (CLI, Python API, Slicer modules, web
+# app, batch) falls back to.  $UNIULTRA_MODEL overrides it where a front end reads the environment.
+DEFAULT_MODEL = "uniultra-mini-us"
+
 
 def resources_dir() -> Path:
     return Path(os.environ.get("UNIULTRA_RESOURCES", REPO_ROOT / "Resources"))

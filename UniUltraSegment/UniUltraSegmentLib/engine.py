@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-DEFAULT_MODEL = "uniultra-mini-us"
-
 
 def _add_source_tree_engine() -> None:
     """Running from a source checkout: the engine package sits two folders up; make it importable."""
@@ -23,6 +21,18 @@ def _add_source_tree_engine() -> None:
         root = Path(__file__).resolve().parents[2]
         if (root / "uniultra" / "__init__.py").exists() and str(root) not in sys.path:
             sys.path.append(str(root))
+
+
+def _default_model() -> str:
+    _add_source_tree_engine()
+    try:
+        from uniultra.registry import DEFAULT_MODEL as name  # torch-free
+    except ImportError:  # the engine is not installed: the module panel says what to install
+        return ""
+    return name
+
+
+DEFAULT_MODEL = _default_model()
 
 
 def missing_dependencies() -> list[str]:

@@ -42,8 +42,10 @@ from pathlib import Path
 
 # torch-free; importable once UniUltraTrainLib is (its __init__ finds a source checkout's engine)
 from uniultra.launch import EngineSubprocess, command, engine_env, engine_root, python_executable  # noqa: F401
+from uniultra.registry import DEFAULT_MODEL as DEFAULT_BASE  # the bundled default
 
-DEFAULT_BASE = "uniultra-mini-us"
+# the bases the Train panel offers first (the user's own models follow)
+BASES = (DEFAULT_BASE, "sam2.1-hiera-tiny", "sam2.1-hiera-small", "sam2-hiera-tiny")
 DEFAULT_STUDENT = "uniultra-student-e16"
 METHODS = ("ch-adapter", "lora", "adapter", "cnn-branch", "full", "decoder")
 STUDENTS = ("uniultra-student-e8", "uniultra-student-e16", "uniultra-student-e24", "uniultra-student-e32",

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None,
                    help="secret the browser must present (?secret=TOKEN); required for a non-local --host "
                         "(or set UNIULTRA_WEB_TOKEN)")
-    p.add_argument("--model", default=None, help="registry model (default: the bundled uniultra-mini-us)")
+    p.add_argument("--model", default=None, help="registry model (default: the bundled default, uniultra.registry.DEFAULT_MODEL)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     p.add_argument("--out", default=None, help="folder for exported masks and segmentations (default: in the session folder)")
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted (MB, default 100)")
@@ -112,9 +112,11 @@ def main(argv=None) -> int:
     configure_rendering()
     from trame.app import get_server
 
+    from uniultra.registry import DEFAULT_MODEL
+
     from .app import UniUltraWebApp
 
-    model = args.model or os.environ.get("UNIULTRA_MODEL") or "uniultra-mini-us"
+    model = args.model or os.environ.get("UNIULTRA_MODEL") or DEFAULT_MODEL
     workdir = Path(args.session_dir) if args.session_dir else Path(tempfile.mkdtemp(prefix="uniultra-web-"))
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     out = Path(args.out) if args.out else workdir / "export"

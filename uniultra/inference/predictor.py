@@ -25,8 +25,7 @@ from uniultra.checks import image_array
 from uniultra.data.transforms import box_to_model, image_to_model_coords, to_model_input, upsample_logits
 from uniultra.device import pick_device  # noqa: F401  (re-exported: uniultra.inference.pick_device)
 from uniultra.errors import InputError
-
-DEFAULT_MODEL = "uniultra-mini-us"
+from uniultra.registry import DEFAULT_MODEL  # noqa: F401  (re-exported: uniultra.inference.DEFAULT_MODEL)
 
 
 def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
