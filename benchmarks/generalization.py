@@ -66,17 +66,25 @@ def fold_recipe(args, left_out: str) -> dict:
             "out_dir": "${out}/test-student/cases"}}
     if args.hint_student:
         weights = [2.0 if a in ("busi", "ddti") else 1.0 for a in train_sets]
-        stages["hint"] = {"command": "train", "options": {
-            "model": args.hint_init, "peft": "full", "data": data, "max_images": args.train_images,
-            "augment": False, "teacher": "litemedsam", "teacher_cache": args.cache, "hint_weight": 0.2,
-            "data_weights": weights, "steps": args.hint_steps, "batch_size": 8, "lr": 1e-4, "schedule": "cosine",
-            "warmup_steps": 20, "loss_weights": "dice=1,bce=1,iou=1", "jitter": 0.15,
-            "val_every": args.hint_steps // 4, "val_limit": args.val_images, "seed": 0, "device": args.device,
-            "adapter_only": False, "progress_bar": False}}
-        stages["test-hint"] = {"command": "evaluate", "options": {
-            "model": "${stages.hint.out}/model.pt", "data": test, "split": "test", "jitter": 0.1,
-            "limit": args.test_images, "out_dir": "${out}/test-hint/cases"}}
+        stage = hint_stage(args)
+        opts = {"model": args.hint_init, "peft": "full", "data": data, "max_images": args.train_images,
+                "augment": False, "data_weights": weights, "steps": args.hint_steps, "batch_size": 8, "lr": 1e-4,
+                "schedule": "cosine", "warmup_steps": 20, "loss_weights": "dice=1,bce=1,iou=1", "jitter": 0.15,
+                "val_every": max(1, args.hint_steps // 4), "val_limit": args.val_images, "seed": 0,
+                "device": args.device, "adapter_only": False, "progress_bar": False, "threads": args.threads}
+        if args.hint_weight > 0:
+            opts.update(teacher="litemedsam", teacher_cache=args.cache, hint_weight=args.hint_weight)
+        stages[stage] = {"command": "train", "options": opts}
+        stages[f"test-{stage}"] = {"command": "evaluate", "options": {
+            "model": f"${{stages.{stage}.out}}/model.pt", "data": test, "split": "test", "jitter": 0.1,
+            "limit": args.test_images, "out_dir": f"${{out}}/test-{stage}/cases"}}
     return {"name": f"loo-{left_out}", "out": str(Path(args.out) / left_out), "stages": stages}
+
+
+def hint_stage(args) -> str:
+    """The stage name of the default recipe's fold run: ``hint`` (with LiteMedSAM feature hints)
+    or ``masks`` (``--hint-weight 0``: the masks alone, the control)."""
+    return "hint" if args.hint_weight > 0 else "masks"
 
 
 def init_datasets(model: str) -> list[str]:
@@ -124,44 +132,46 @@ def table(args) -> tuple[str, dict]:
         t = read_eval(Path(args.out) / a / "test-teacher" / "evaluation.json", a) or {}
         s = read_eval(Path(args.out) / a / "test-student" / "evaluation.json", a) or {}
         h = read_eval(Path(args.out) / a / "test-hint" / "evaluation.json", a) or {}
+        m = read_eval(Path(args.out) / a / "test-masks" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
                   "student": s.get("dice"), "student_p10": s.get("dice_p10"),
                   "hint": h.get("dice"), "hint_p10": h.get("dice_p10"),
+                  "masks": m.get("dice"), "masks_p10": m.get("dice_p10"),
                   "structure": {"ellipse": z.get("ellipse_structure_dice"), "zeroshot": z.get("structure_dice"),
                                 "teacher": t.get("structure_dice"), "student": s.get("structure_dice"),
-                                "hint": h.get("structure_dice")}}
+                                "hint": h.get("structure_dice"), "masks": m.get("structure_dice")}}
 
         def f(k, r=res[a]):
             v, p = r.get(k), r.get(f"{k}_p10")
             return "-" if v is None else f"{v:.3f} ({p:.2f})" if p is not None else f"{v:.3f}"
 
         rows.append(f"| {a} | {res[a]['images'] or '-'} | {f('ellipse')} | {f('zeroshot')} | {f('teacher')} | "
-                    f"{f('student')} | {f('hint')} |")
+                    f"{f('student')} | {f('masks')} | {f('hint')} |")
     head = [f"Leave one anatomy out (test splits, at most {args.test_images} images per anatomy, evenly spread; "
             f"10%-jittered boxes, the same seeded boxes for every column). Mean Dice (10th percentile).",
             f"Fold settings: teacher = LiteMedSAM decoder trained {args.teacher_steps} steps (batch 8) on cached "
             f"embeddings of at most {args.train_images} train images per other anatomy"
             + (f"; student = uniultra-mini-lm, {args.student_steps} DSKD + {args.finetune_steps} fine-tuning steps."
                if args.student else "; no student folds in this run.")
-            + (f" Default-recipe column: {args.hint_init} trained {args.hint_steps} steps (batch 8) on the other "
-               "anatomies' masks with LiteMedSAM feature hints (hint weight 0.2); '-' where that fold was not run "
-               f"or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else ""),
+            + (f" Default-recipe columns: {args.hint_init} trained {args.hint_steps} steps (batch 8) on the other "
+               "anatomies' masks alone, and with LiteMedSAM feature hints (weight 0.2); '-' where that fold was not "
+               f"run or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else ""),
             "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
-                "| default recipe without it |",
-            "|---|---|---|---|---|---|---|"]
+                "| default recipe, masks | default recipe + hints |",
+            "|---|---|---|---|---|---|---|---|"]
     multi = [a for a in args.anatomies if any(v is not None for v in res[a]["structure"].values())]
     if multi:
         rows += ["", "Anatomies with several labelled structures per image: mean Dice per structure (the union "
                  "Dice above hides a ring filled in by its neighbours).", "",
                  "| left-out anatomy | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
-                 "| default recipe without it |",
-                 "|---|---|---|---|---|---|"]
+                 "| default recipe, masks | default recipe + hints |",
+                 "|---|---|---|---|---|---|---|"]
         for a in multi:
             st = res[a]["structure"]
             rows.append(f"| {a} | " + " | ".join("-" if st[k] is None else f"{st[k]:.3f}"
-                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "hint")) + " |")
+                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "masks", "hint")) + " |")
     return "\n".join(head + rows), res
 
 
@@ -183,7 +193,9 @@ def main() -> int:
     ap.add_argument("--hint-student", action="store_true",
                     help="also train the shipped default's recipe per fold (refused where --hint-init saw the fold)")
     ap.add_argument("--hint-init", default="uniultra-mini-us")
-    ap.add_argument("--hint-steps", type=int, default=800)
+    ap.add_argument("--hint-steps", type=int, default=600)
+    ap.add_argument("--hint-weight", type=float, default=0.2, help="0: the masks alone (the control run)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")
     ap.add_argument("--device", default="auto")
@@ -204,7 +216,8 @@ def main() -> int:
     if not args.table_only:
         run_recipe(zero_shot_recipe(args), Path(args.out) / "zeroshot.yaml")
         for a in args.folds or args.anatomies:
-            run_recipe(fold_recipe(args, a), Path(args.out) / (f"{a}.yaml" if args.teacher else f"{a}-hint.yaml"))
+            name = f"{a}.yaml" if args.teacher else f"{a}-{hint_stage(args)}.yaml"
+            run_recipe(fold_recipe(args, a), Path(args.out) / name)
     text, res = table(args)
     print(text)
     out = Path(args.results)
