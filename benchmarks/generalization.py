@@ -205,7 +205,7 @@ def main() -> int:
     if unknown:
         print(f"generalization: --folds {unknown[0]}: not one of {', '.join(args.anatomies)}", file=sys.stderr)
         return 2
-    if args.hint_student:
+    if args.hint_student and not args.table_only:
         seen = set(init_datasets(args.hint_init))
         leak = [a for a in (args.folds or args.anatomies) if a in seen]
         if leak:
