@@ -1,6 +1,6 @@
 """Speed and memory of the bundled default next to the other models, in one run.
 
-Models (``--models``, default all): the bundled default, the LiteMedSAM-decoder student
+Models (``--models``, default all): the bundled default and the previous one, the LiteMedSAM-decoder student
 (``uniultra-mini-lm``: UniUltra-mini's encoder feeding LiteMedSAM's decoder), LiteMedSAM itself
 and SAM2.1-hiera-tiny at 1024.
 
@@ -31,7 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIULTRA_DATA", REPO.parent / "shared" / "data"))
-MODELS = [("uniultra-mini-us", "uniultra-mini-us (bundled)"),
+MODELS = [("uniultra-mini-us6", "uniultra-mini-us6 (bundled default)"),
+          ("uniultra-mini-us", "uniultra-mini-us (previous default)"),
           ("uniultra-mini-lm", "UniUltra-mini on LiteMedSAM's decoder"),
           ("litemedsam", "LiteMedSAM"),
           ("sam2.1-hiera-tiny", "SAM2.1-hiera-tiny @1024")]
