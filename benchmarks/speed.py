@@ -100,6 +100,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--models", nargs="+", default=None, help="registry/architecture names (default: all)")
+    ap.add_argument("--name", default="speed", help="results file stem in --out (default: speed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -151,8 +152,8 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.md").write_text(text + "\n")
-    (out / "speed.json").write_text(json.dumps({"machine": machine, "rows": rows, "baseline_rss_mb": base}, indent=2))
+    (out / f"{args.name}.md").write_text(text + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"machine": machine, "rows": rows, "baseline_rss_mb": base}, indent=2))
     return 0
 
 
