@@ -153,7 +153,7 @@ def cmd_models(args) -> int:
     rows = []
     for e in load_registry().values():
         rows.append({"name": e.name, "arch": e.arch, "image_size": e.image_size,
-                     "params": e.params, "state": e.state, "source": e.source,
+                     "params": e.params, "state": e.state, "source": e.source, "default": e.name == DEFAULT_MODEL,
                      "url": e.url, "path": str(e.local_path()) if e.local_path() else None})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -161,7 +161,8 @@ def cmd_models(args) -> int:
     print(f"{'name':24} {'architecture':24} {'size':>5} {'params':>9}  state")
     for r in rows:
         params = f"{r['params'] / 1e6:8.2f}M" if r["params"] else "        -"
-        print(f"{r['name']:24} {r['arch']:24} {r['image_size']:>5} {params}  {r['state']}")
+        mark = " (default)" if r["default"] else ""
+        print(f"{r['name']:24} {r['arch']:24} {r['image_size']:>5} {params}  {r['state']}{mark}")
     return 0
 
 
