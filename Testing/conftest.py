@@ -62,3 +62,16 @@ def echo_dicom(data_root) -> Path:
     if not p.is_file():
         pytest.skip(f"{p} not found")
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (restored afterwards), for comparisons with a recording made
+    with one thread.  With two, reductions are summed in another order: the bundled model's logits
+    (up to 68) move by 2.3e-5, as much as a real change of how an adapter is wired in (3.1e-5)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -112,19 +112,9 @@ def reference() -> dict:
     return torch.load(REFERENCE, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture
-def one_thread():
-    """The recording was made with one torch thread.  With two, the reductions are summed in
-    another order: the bundled model's logits (up to 68) then move by 2.3e-5, as much as a real
-    wiring change (3.1e-5), so the comparison is made in the recording's thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_outputs_match_the_recording(reference, case, one_thread):
+@pytest.mark.usefixtures("one_thread")  # the recording's thread count (conftest.one_thread)
+def test_outputs_match_the_recording(reference, case):
     torch.manual_seed(0)
     got, want = CASES[case](), reference[case]
     assert sorted(got) == sorted(want)

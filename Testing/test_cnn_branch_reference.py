@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from test_ch_adapter_reference import _set_weights
 
@@ -39,6 +40,7 @@ def _outputs() -> dict:
             "proj_grad": trunk.cnn_branch.proj[first].weight.grad.detach().sum(dim=(1, 2, 3))}  # per channel
 
 
+@pytest.mark.usefixtures("one_thread")  # the recording's thread count (conftest.one_thread)
 def test_outputs_match_the_recording():
     want = torch.load(REFERENCE, map_location="cpu", weights_only=True)
     torch.manual_seed(0)
@@ -51,6 +53,7 @@ def test_outputs_match_the_recording():
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     rec = {k: v.contiguous() for k, v in _outputs().items()}
     torch.save(rec, REFERENCE)
