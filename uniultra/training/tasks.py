@@ -105,24 +105,31 @@ class TeacherHint(nn.Module):
         return total, parts
 
 
-def build_hint(cfg, model, device) -> TeacherHint:
-    """The frozen teacher (its embedding cache attached) and the projections for ``model``."""
+def frozen_teacher(name: str, device, cache: str | None):
+    """A teacher (registry name or checkpoint) in eval mode on ``device``, every parameter frozen,
+    reading (and filling) the embedding cache ``cache`` when given: for DSKD and for hints."""
     from uniultra.models import build_model
 
+    teacher = build_model(name, device="cpu")
+    teacher.eval().to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cache:
+        from uniultra.models.embed_cache import attach
+
+        attach(teacher, cache)
+    return teacher
+
+
+def build_hint(cfg, model, device) -> TeacherHint:
+    """The frozen teacher (its embedding cache attached) and the projections for ``model``."""
     try:
-        teacher = build_model(cfg.teacher, device="cpu")
+        teacher = frozen_teacher(cfg.teacher, device, cfg.teacher_cache)
     except ValueError as e:
         raise InputError(f"--teacher {cfg.teacher}: {e}") from None
     if teacher.image_size != model.image_size:
         raise InputError(f"--teacher {cfg.teacher} works at {teacher.image_size} px and the model at "
                          f"{model.image_size} px: the hints need the same input size")
-    teacher.eval().to(device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if cfg.teacher_cache:
-        from uniultra.models.embed_cache import attach
-
-        attach(teacher, cfg.teacher_cache)
     S = model.image_size
     x = torch.zeros(1, 3, S, S, device=device)
     with torch.no_grad():
@@ -317,26 +324,18 @@ class DistillTask(Task):
     name = "distill"
 
     def setup(self, trainer: Trainer) -> None:
-        from uniultra.models import build_model
         from uniultra.training import distill as D
         from uniultra.training.data import SaltedConcat
 
         cfg, device = trainer.cfg, trainer.device
         self.cfg, self.half = cfg, cfg.half
         self.taps = []
-        teacher = build_model(cfg.teacher, device="cpu")
+        teacher = frozen_teacher(cfg.teacher, device, cfg.embed_cache)
         S = int(cfg.image_size or teacher.image_size)
         if S != teacher.image_size:
             raise InputError(f"--image-size {S}: the teacher {cfg.teacher} works at {teacher.image_size} px; "
                              "teacher and student must use the same size")
         cfg.image_size = S
-        teacher.eval().to(device)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if cfg.embed_cache:
-            from uniultra.models.embed_cache import attach
-
-            attach(teacher, cfg.embed_cache)
         if cfg.level_terms and not hasattr(teacher.sam.image_encoder, "trunk"):
             trainer.events.emit("note", message=f"note: {teacher.arch.name} has no Hiera trunk, so the block/adapter/"
                                 "sum level terms do not apply: distilling the image embedding its decoder reads")
