@@ -51,7 +51,8 @@ class _LiteDecoder(nn.Module):
 
     def forward(self, image_embed, point_coords, point_labels):
         sparse = self.model.sparse_embeddings(point_coords, point_labels)
-        return self.model.decode_sparse({"image_embed": image_embed}, sparse)
+        logits, iou = self.model.decode_sparse({"image_embed": image_embed}, sparse)
+        return _with_prior(self.model, logits, point_coords, point_labels), iou
 
 
 class _Decoder(nn.Module):
@@ -62,7 +63,17 @@ class _Decoder(nn.Module):
     def forward(self, image_embed, feat_s0, feat_s1, point_coords, point_labels):
         emb = {"image_embed": image_embed, "high_res_feats": [feat_s0, feat_s1]}
         logits, iou = self.model.decode(emb, None, point_coords, point_labels)
-        return logits, iou
+        return _with_prior(self.model, logits, point_coords, point_labels), iou
+
+
+def _with_prior(model, logits, point_coords, point_labels):
+    """The model's box-shape prior, for the box given as corner points (labels 2 and 3)."""
+    if not getattr(model, "box_prior", 0.0):
+        return logits
+    from uniultra.models.prior import add_box_prior, box_from_points
+
+    boxes, has_box = box_from_points(point_coords, point_labels)
+    return add_box_prior(logits, boxes, model.box_prior, model.image_size, has_box)
 
 
 def decoder_path(out: str | Path) -> Path:

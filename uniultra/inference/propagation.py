@@ -187,6 +187,9 @@ def propagate_memory(
             f"model {model.name} has untrained memory modules: use --engine box (box propagation), "
             "or a SAM2 checkpoint / a model trained on video"
         )
+    if getattr(model, "box_prior", 0.0):
+        raise InputError(f"model {model.name} adds a box-shape prior that SAM2's video predictor does not apply: "
+                         "use --engine box (box propagation)")
     sam = model.sam
     if not isinstance(sam, VideoPredictor):
         raise InputError(f"model {model.name} has no SAM2 memory path: use --engine box (box propagation)")

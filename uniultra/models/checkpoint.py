@@ -97,6 +97,8 @@ def save_checkpoint(model, path: str | Path, meta: dict | None = None, half: boo
         "name": model.name,
         **(meta or {}),
     }
+    if getattr(model, "box_prior", 0.0):
+        info["box_prior"] = float(model.box_prior)
     if trained_only:
         sd = {n: p.detach() for n, p in model.sam.named_parameters() if p.requires_grad}
         key = "trained"

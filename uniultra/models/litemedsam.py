@@ -211,7 +211,8 @@ class LiteMedSAMModel(UniUltraModel):
             labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
         if coords is None:
             raise ValueError("a prompt needs a box or points")
-        return self.decode_sparse(emb, self.sparse_embeddings(coords.float(), labels), mask_input, multimask)
+        logits, iou = self.decode_sparse(emb, self.sparse_embeddings(coords.float(), labels), mask_input, multimask)
+        return self.with_box_prior(logits, boxes), iou
 
     def decode_sparse(self, emb: dict, sparse: torch.Tensor, mask_input=None, multimask: bool = False):
         pe = self.sam.sam_prompt_encoder

@@ -25,6 +25,8 @@ class UniUltraModel(nn.Module):
         # True when the memory attention/encoder hold trained weights (Meta's checkpoints or a
         # model trained on video): only then is SAM2's memory propagation meaningful.
         self.memory_trained = False
+        # weight of the ellipse prior added to box rows' logits (uniultra.models.prior); 0 = none
+        self.box_prior = 0.0
 
     # ------------------------------------------------------------------ encoder
     def encode(self, images: torch.Tensor) -> dict:
@@ -86,7 +88,13 @@ class UniUltraModel(nn.Module):
             repeat_image=repeat,
             high_res_features=high,
         )
-        return logits, iou
+        return self.with_box_prior(logits, boxes), iou
+
+    def with_box_prior(self, logits: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """``logits`` plus this model's box-shape prior for the rows' boxes (none when 0)."""
+        from uniultra.models.prior import add_box_prior
+
+        return add_box_prior(logits, boxes, self.box_prior, self.image_size)
 
     def forward(self, images, boxes=None, point_coords=None, point_labels=None, mask_input=None):
         """Single-mask logits at S/4 for a batch of images with one prompt set each."""

@@ -181,8 +181,11 @@ class TrainConfig(RunConfig):
     teacher: str | None = None            # registry name or checkpoint (any family, e.g. litemedsam)
     teacher_cache: str | None = None      # the teacher's embedding cache (`uniultra cache-embeddings`)
     hint_weight: float = 1.0
+    # weight of the ellipse prior added to box rows' logits (uniultra.models.prior); None keeps
+    # the starting model's own (0 for every model not trained with one)
+    box_prior: float | None = None
 
-    RESUME_KEYS = RunConfig.RESUME_KEYS + ("model", "peft", "teacher")
+    RESUME_KEYS = RunConfig.RESUME_KEYS + ("model", "peft", "teacher", "box_prior")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -200,6 +203,10 @@ class TrainConfig(RunConfig):
                        "give weights of 0 or more, at least one positive")
         if self.hint_weight < 0:
             raise _bad("hint_weight", self.hint_weight, "give 0 or more")
+        if self.box_prior is not None:
+            from uniultra.models.prior import check_weight
+
+            self.box_prior = check_weight(self.box_prior)
         if self.teacher is not None and not str(self.teacher).strip():
             self.teacher = None
         if self.teacher_cache and not self.teacher:
@@ -234,6 +241,7 @@ class DistillConfig(RunConfig):
     finetune_loss_weights: str = "dice=1,bce=1,iou=1"
     finetune_augment: bool = True
     half: bool = False                    # store the student in fp16
+    box_prior: float | None = None        # the fine-tuned student's box-shape prior (TrainConfig)
     extra: dict = field(default_factory=dict)
 
     RESUME_KEYS = RunConfig.RESUME_KEYS + ("teacher", "student", "student_init", "level_terms")
@@ -251,6 +259,12 @@ class DistillConfig(RunConfig):
         for key in ("level_weight", "fpn_weight"):
             if getattr(self, key) < 0:
                 raise _bad(key, getattr(self, key), "give 0 or more")
+        if self.box_prior is not None:
+            from uniultra.models.prior import check_weight
+
+            self.box_prior = check_weight(self.box_prior)
+            if self.box_prior and not self.finetune_steps:
+                raise InputError("--box-prior is trained in the fine-tuning stage: give --finetune-steps too")
 
 
 @dataclass

@@ -227,7 +227,8 @@ def finetune_config(cfg: DistillConfig, student_path: Path) -> TrainConfig:
                        val_every=cfg.val_every,
                        num_workers=cfg.num_workers, loss_weights=cfg.finetune_loss_weights,
                        augment=cfg.finetune_augment, max_images=cfg.max_images, threads=cfg.threads,
-                       progress_bar=cfg.progress_bar, log_every=cfg.log_every, events=cfg.events)
+                       progress_bar=cfg.progress_bar, log_every=cfg.log_every, events=cfg.events,
+                       box_prior=cfg.box_prior)
 
 
 def distill(config: DistillConfig, progress: Progress | bool | None = None, cancel=None, log=None) -> dict:

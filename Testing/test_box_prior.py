@@ -1,0 +1,147 @@
+"""The box-shape prior (uniultra/models/prior.py): the ellipse inscribed in each box, weighted by
+the model's ``box_prior``, added to the decoder's logits wherever the model is used.
+
+Checked here: the prior is the evaluation's ellipse baseline (a prior that dominates gives that
+baseline's mask through the Predictor, on a non-square image); it is added to box rows only and
+exactly; it travels with the checkpoint; the ONNX decoder applies it too; training with
+``--box-prior`` stores it and resume refuses another weight; bad weights get one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from synthetic import make_dataset
+
+from uniultra.errors import InputError
+from uniultra.evaluation.metrics import baseline_mask, dice
+from uniultra.inference import Predictor
+from uniultra.models import build_model, save_checkpoint
+from uniultra.models.prior import box_from_points, check_weight, ellipse_prior
+from uniultra.training.trainer import TrainConfig, train
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("uniultra-student-e8", image_size=SIZE).eval()
+
+
+def test_a_dominant_prior_gives_the_ellipse_baseline(model):
+    """With a weight far above the decoder's logits, the Predictor's mask is the ellipse that the
+    evaluation's baseline draws in the same box, on a non-square image (x and y scale apart)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (90, 160), dtype=np.uint8)
+    model.box_prior = 1e4
+    try:
+        p = Predictor(model, "cpu")
+        p.set_image(image)
+        for box in [(20, 10, 140, 60), (100, 40, 130, 85), (5, 5, 40, 80)]:
+            m = p.predict(boxes=[box]).masks[0]
+            assert dice(m, baseline_mask([box], image.shape, "ellipse")) > 0.93, box
+        model.box_prior = 0.0
+        free = p.predict(boxes=[(20, 10, 140, 60)]).masks[0]
+        assert dice(free, baseline_mask([(20, 10, 140, 60)], image.shape, "ellipse")) < 0.9
+    finally:
+        model.box_prior = 0.0
+
+
+def test_prior_is_added_exactly_to_box_rows_only(model):
+    emb = model.encode(torch.randn(1, 3, SIZE, SIZE))
+    boxes = torch.tensor([[4.0, 8.0, 40.0, 30.0], [10.0, 10.0, 60.0, 62.0]])
+    pts, lab = torch.tensor([[[20.0, 20.0]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        base, iou0 = model.decode(emb, boxes)
+        pbase, _ = model.decode(emb, None, pts, lab)
+        model.box_prior = 3.0
+        try:
+            withp, iou1 = model.decode(emb, boxes)
+            pwith, _ = model.decode(emb, None, pts, lab)
+        finally:
+            model.box_prior = 0.0
+    prior = ellipse_prior(boxes, base.shape[-2:], SIZE)
+    assert torch.allclose(withp - base, 3.0 * prior, atol=1e-5)
+    assert torch.equal(iou0, iou1)
+    assert torch.equal(pbase, pwith)  # points alone: no box, no prior
+    # the map: 1 - r, centre high, outside the box at -1, zero on the inscribed ellipse
+    p = ellipse_prior(torch.tensor([[0.0, 0.0, 64.0, 32.0]]), (16, 16), 64)[0, 0]
+    assert p[3:5, 7:9].min() > 0.8 and p[12:, :].max() == -1.0 and (p > 0).sum() == pytest.approx(np.pi * 8 * 4, rel=0.2)
+
+
+def test_checkpoint_keeps_the_prior(model, tmp_path):
+    model.box_prior = 2.5
+    try:
+        save_checkpoint(model, tmp_path / "p.pt")
+    finally:
+        model.box_prior = 0.0
+    save_checkpoint(model, tmp_path / "none.pt")
+    assert build_model(str(tmp_path / "p.pt")).box_prior == 2.5
+    assert build_model(str(tmp_path / "none.pt")).box_prior == 0.0
+    ck = torch.load(tmp_path / "none.pt", map_location="cpu", weights_only=False)
+    assert "box_prior" not in ck["uniultra"]
+    ck["uniultra"]["box_prior"] = -1
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="box_prior"):
+        build_model(str(tmp_path / "bad.pt"))
+
+
+def test_onnx_decoder_applies_the_prior(tmp_path, data_root):
+    from uniultra.data.io import read_image
+    from uniultra.inference.onnx_export import PARITY_TOLERANCE, OnnxPredictor, export_onnx
+
+    torch.manual_seed(0)
+    m = build_model("uniultra-student-e8", image_size=128).eval()
+    m.box_prior = 4.0
+    image = read_image(data_root / "busi" / "images" / "benign_001.png")
+    enc, _ = export_onnx(m, tmp_path / "m.onnx")
+    o = OnnxPredictor(enc, 128)
+    o.set_image(image)
+    p = Predictor(m, "cpu")
+    p.set_image(image)
+    for kw in ({"box": (118, 58, 272, 171)}, {"box": (118, 58, 272, 171), "points": [(190, 110)], "labels": [0]},
+               {"points": [(190, 110)], "labels": [1]}):
+        logits, _ = o.predict_logits(**kw)
+        ref = p.predict(boxes=[kw["box"]] if "box" in kw else None, points=kw.get("points"), labels=kw.get("labels"))
+        assert np.abs(logits - ref.low_res_logits.numpy()).max() < PARITY_TOLERANCE
+
+
+def test_box_from_points_reads_sam_corner_labels():
+    c = torch.tensor([[[3.0, 4.0], [30.0, 40.0], [9.0, 9.0]], [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    lab = torch.tensor([[2, 3, 1], [1, -1, -1]])
+    boxes, has = box_from_points(c, lab)
+    assert boxes[0].tolist() == [3.0, 4.0, 30.0, 40.0] and has.tolist() == [1.0, 0.0]
+
+
+def test_memory_propagation_refuses_a_prior_model():
+    from uniultra.inference import propagate_memory
+
+    m = build_model("sam2.1-hiera-tiny", image_size=64, random_init=True)
+    m.memory_trained, m.box_prior = True, 2.0
+    frames = [np.zeros((64, 64), np.uint8)] * 2
+    with pytest.raises(InputError, match="box-shape prior.*--engine box"):
+        propagate_memory(Predictor(m, "cpu"), frames, {0: [(10, 10, 40, 40)]})
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "x"])
+def test_bad_weights_are_refused(bad):
+    with pytest.raises(InputError, match="--box-prior"):
+        check_weight(bad)
+    with pytest.raises(InputError, match="--box-prior"):
+        TrainConfig(data=["d"], out="o", box_prior=bad)
+
+
+def test_training_stores_the_prior_and_resume_refuses_another(tmp_path):
+    data = make_dataset(tmp_path / "syn", n_train=4, n_val=2, seed=1)
+    base = dict(data=[str(data)], out=str(tmp_path / "run"), model="uniultra-student-e8", image_size=SIZE,
+                peft="full", steps=4, batch_size=2, lr=1e-3, val_every=4, progress_bar=False, threads=1,
+                augment=False, loss_weights="dice=1,bce=1,iou=1", adapter_only=False)
+    r = train(TrainConfig(**base, box_prior=6.0), progress=False)
+    assert r["status"] == "finished"
+    assert build_model(r["model"]).box_prior == 6.0
+    # trained on from that model without --box-prior: the model's own prior is kept
+    r2 = train(TrainConfig(**{**base, "out": str(tmp_path / "run2"), "model": r["model"], "peft": None}), progress=False)
+    assert build_model(r2["model"]).box_prior == 6.0
+    with pytest.raises(InputError, match="box_prior"):
+        train(TrainConfig(**{**base, "steps": 6}, box_prior=2.0, resume=True), progress=False)
