@@ -51,19 +51,21 @@ def fold_recipe(args, left_out: str) -> dict:
             "model": "${stages.teacher.out}/model.pt", "data": test, "split": "test", "jitter": 0.1,
             "limit": args.test_images, "embed_cache": args.cache, "out_dir": "${out}/test-teacher/cases"}},
     }
+    sfx = prior_suffix(args)
     if args.student:
-        stages["student"] = {"command": "distill", "options": {
+        stages[f"student{sfx}"] = {"command": "distill", "options": {
             "teacher": "${stages.teacher.out}/model.pt", "student": "uniultra-mini-lm", "data": data,
             "max_images": args.train_images, "embed_cache": args.cache, "augment": False,
             "steps": args.student_steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20,
             "val_every": args.student_steps, "val_limit": args.val_images,
             "finetune_steps": args.finetune_steps, "finetune_lr": 1e-4, "seed": 0, "device": args.device,
-            "progress_bar": False}}
-        stages["test-student"] = {"command": "evaluate", "options": {
-            "model": "${stages.student.out}/finetune/model.pt" if args.finetune_steps else
-                     "${stages.student.out}/model.pt",
+            "progress_bar": False, "threads": args.threads,
+            **({"box_prior": args.box_prior} if args.box_prior else {})}}
+        stages[f"test-student{sfx}"] = {"command": "evaluate", "options": {
+            "model": f"${{stages.student{sfx}.out}}/finetune/model.pt" if args.finetune_steps else
+                     f"${{stages.student{sfx}.out}}/model.pt",
             "data": test, "split": "test", "jitter": 0.1, "limit": args.test_images,
-            "out_dir": "${out}/test-student/cases"}}
+            "out_dir": f"${{out}}/test-student{sfx}/cases"}}
     if args.hint_student:
         weights = [2.0 if a in ("busi", "ddti") else 1.0 for a in train_sets]
         stage = hint_stage(args)
@@ -74,6 +76,8 @@ def fold_recipe(args, left_out: str) -> dict:
                 "device": args.device, "adapter_only": False, "progress_bar": False, "threads": args.threads}
         if args.hint_weight > 0:
             opts.update(teacher="litemedsam", teacher_cache=args.cache, hint_weight=args.hint_weight)
+        if args.box_prior:
+            opts.update(box_prior=args.box_prior)
         stages[stage] = {"command": "train", "options": opts}
         stages[f"test-{stage}"] = {"command": "evaluate", "options": {
             "model": f"${{stages.{stage}.out}}/model.pt", "data": test, "split": "test", "jitter": 0.1,
@@ -84,7 +88,12 @@ def fold_recipe(args, left_out: str) -> dict:
 def hint_stage(args) -> str:
     """The stage name of the default recipe's fold run: ``hint`` (with LiteMedSAM feature hints)
     or ``masks`` (``--hint-weight 0``: the masks alone, the control)."""
-    return "hint" if args.hint_weight > 0 else "masks"
+    return ("hint" if args.hint_weight > 0 else "masks") + prior_suffix(args)
+
+
+def prior_suffix(args) -> str:
+    """``-prior`` for the runs trained with the box-shape prior (``--box-prior W``)."""
+    return "-prior" if args.box_prior else ""
 
 
 def init_datasets(model: str) -> list[str]:
@@ -133,22 +142,27 @@ def table(args) -> tuple[str, dict]:
         s = read_eval(Path(args.out) / a / "test-student" / "evaluation.json", a) or {}
         h = read_eval(Path(args.out) / a / "test-hint" / "evaluation.json", a) or {}
         m = read_eval(Path(args.out) / a / "test-masks" / "evaluation.json", a) or {}
+        sp = read_eval(Path(args.out) / a / "test-student-prior" / "evaluation.json", a) or {}
+        mp = read_eval(Path(args.out) / a / "test-masks-prior" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
                   "student": s.get("dice"), "student_p10": s.get("dice_p10"),
                   "hint": h.get("dice"), "hint_p10": h.get("dice_p10"),
                   "masks": m.get("dice"), "masks_p10": m.get("dice_p10"),
+                  "student_prior": sp.get("dice"), "student_prior_p10": sp.get("dice_p10"),
+                  "masks_prior": mp.get("dice"), "masks_prior_p10": mp.get("dice_p10"),
                   "structure": {"ellipse": z.get("ellipse_structure_dice"), "zeroshot": z.get("structure_dice"),
                                 "teacher": t.get("structure_dice"), "student": s.get("structure_dice"),
-                                "hint": h.get("structure_dice"), "masks": m.get("structure_dice")}}
+                                "hint": h.get("structure_dice"), "masks": m.get("structure_dice"),
+                                "student_prior": sp.get("structure_dice"), "masks_prior": mp.get("structure_dice")}}
 
         def f(k, r=res[a]):
             v, p = r.get(k), r.get(f"{k}_p10")
             return "-" if v is None else f"{v:.3f} ({p:.2f})" if p is not None else f"{v:.3f}"
 
         rows.append(f"| {a} | {res[a]['images'] or '-'} | {f('ellipse')} | {f('zeroshot')} | {f('teacher')} | "
-                    f"{f('student')} | {f('masks')} | {f('hint')} |")
+                    f"{f('student')} | {f('student_prior')} | {f('masks')} | {f('hint')} | {f('masks_prior')} |")
     head = [f"Leave one anatomy out (test splits, at most {args.test_images} images per anatomy, evenly spread; "
             f"10%-jittered boxes, the same seeded boxes for every column). Mean Dice (10th percentile).",
             f"Fold settings: teacher = LiteMedSAM decoder trained {args.teacher_steps} steps (batch 8) on cached "
@@ -158,20 +172,23 @@ def table(args) -> tuple[str, dict]:
             + (f" Default-recipe columns: {args.hint_init} trained {args.hint_steps} steps (batch 8) on the other "
                "anatomies' masks alone, and with LiteMedSAM feature hints (weight 0.2); '-' where that fold was not "
                f"run or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else ""),
+            + (f" Box-prior columns (uniultra/models/prior.py): the same runs with the prior of weight {args.box_prior:g} "
+               "trained in (student: in its fine-tuning stage)." if args.box_prior else ""),
             "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
-                "| default recipe, masks | default recipe + hints |",
-            "|---|---|---|---|---|---|---|---|"]
+                "| student + box prior | default recipe, masks | default recipe + hints | default recipe, masks + box prior |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     multi = [a for a in args.anatomies if any(v is not None for v in res[a]["structure"].values())]
     if multi:
         rows += ["", "Anatomies with several labelled structures per image: mean Dice per structure (the union "
                  "Dice above hides a ring filled in by its neighbours).", "",
                  "| left-out anatomy | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
-                 "| default recipe, masks | default recipe + hints |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| student + box prior | default recipe, masks | default recipe + hints | default recipe, masks + box prior |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for a in multi:
             st = res[a]["structure"]
             rows.append(f"| {a} | " + " | ".join("-" if st[k] is None else f"{st[k]:.3f}"
-                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "masks", "hint")) + " |")
+                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "student_prior", "masks",
+                                                           "hint", "masks_prior")) + " |")
     return "\n".join(head + rows), res
 
 
@@ -195,6 +212,8 @@ def main() -> int:
     ap.add_argument("--hint-init", default="uniultra-mini-us")
     ap.add_argument("--hint-steps", type=int, default=600)
     ap.add_argument("--hint-weight", type=float, default=0.2, help="0: the masks alone (the control run)")
+    ap.add_argument("--box-prior", dest="box_prior", type=float, default=0.0,
+                    help="train the student / default-recipe runs with this box-prior weight (stages *-prior)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")
@@ -216,7 +235,7 @@ def main() -> int:
     if not args.table_only:
         run_recipe(zero_shot_recipe(args), Path(args.out) / "zeroshot.yaml")
         for a in args.folds or args.anatomies:
-            name = f"{a}.yaml" if args.teacher else f"{a}-{hint_stage(args)}.yaml"
+            name = f"{a}{prior_suffix(args)}.yaml" if args.teacher else f"{a}-{hint_stage(args)}.yaml"
             run_recipe(fold_recipe(args, a), Path(args.out) / name)
     text, res = table(args)
     print(text)
