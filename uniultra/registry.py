@@ -183,6 +183,24 @@ def _checked_entry(e: dict) -> ModelEntry:
     return entry
 
 
+def put_bundled_entry(entry: dict, before: str | None = None) -> Path:
+    """Write ``entry`` into the bundled registry file (``Resources/models/registry.json``), replacing
+    the entry of the same name in its place; a new name goes before the entry ``before`` (if
+    present), else at the end.  The file is rewritten atomically.  For the bundling scripts."""
+    path = resources_dir() / "models" / "registry.json"
+    reg = json.loads(path.read_text(encoding="utf-8"))
+    _checked_entry({**entry})
+    models = reg["models"]
+    at = next((i for i, m in enumerate(models) if m["name"] == entry["name"]), None)
+    if at is not None:
+        models[at] = entry
+    else:
+        at = next((i for i, m in enumerate(models) if m["name"] == before), len(models))
+        models.insert(at, entry)
+    atomic_write_text(path, json.dumps(reg, indent=2) + "\n")
+    return path
+
+
 def register_user_model(name: str, weights: Path, arch: str, image_size: int, peft: str | None,
                         description: str = "", extra: dict | None = None) -> ModelEntry:
     """Record a trained model in the user folder so every front end lists it at once."""

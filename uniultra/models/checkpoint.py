@@ -114,3 +114,21 @@ def save_checkpoint(model, path: str | Path, meta: dict | None = None, half: boo
     sd = {k: (v.half() if half and v.is_floating_point() else v).cpu().clone() for k, v in sd.items()}
     atomic_torch_save({key: sd, "uniultra": info}, path)
     return Path(path)
+
+
+def bundle_model(model, dst: str | Path, meta: dict, peft: str | None, description: str, license: str,
+                 trained_only: bool = False, image_only: bool = False, before: str | None = None) -> dict:
+    """Save ``model`` in fp16 as the bundled model ``model.name`` at ``dst`` (in
+    ``Resources/models``) and put its registry entry, with the file's SHA-256, into the bundled
+    registry (:func:`uniultra.registry.put_bundled_entry`).  ``peft`` is the entry's adaptation
+    label.  Returns the entry.  Used by ``scripts/bundle_*.py``."""
+    from uniultra.registry import put_bundled_entry
+
+    dst = save_checkpoint(model, dst, {**meta, "name": model.name}, half=True, trained_only=trained_only,
+                          image_only=image_only)
+    entry = {"name": model.name, "arch": model.arch.name, "image_size": model.image_size,
+             "description": description, "license": license, "url": None, "sha256": sha256_file(dst),
+             "file": f"models/{dst.name}", "source": "bundled", "peft": peft,
+             "params": sum(p.numel() for p in model.sam.parameters())}
+    put_bundled_entry(entry, before)
+    return entry
