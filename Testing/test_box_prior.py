@@ -145,3 +145,29 @@ def test_training_stores_the_prior_and_resume_refuses_another(tmp_path):
     assert build_model(r2["model"]).box_prior == 6.0
     with pytest.raises(InputError, match="box_prior"):
         train(TrainConfig(**{**base, "steps": 6}, box_prior=2.0, resume=True), progress=False)
+
+
+def test_propagation_weakens_the_prior_for_chained_boxes_only(model):
+    """Key-frame boxes (the user's) get the model's whole prior, the boxes that propagation makes
+    from the previous mask ``chain_prior`` of it; a model without a prior is called as before."""
+    from uniultra.inference import propagate
+
+    calls = []
+    p = Predictor(model, "cpu")
+    real = p.predict
+
+    def spy(*a, **kw):
+        calls.append(kw.get("prior_scale", 1.0))
+        return real(*a, **kw)
+
+    p.predict = spy
+    frames = [np.full((64, 64), 40 * i, np.uint8) for i in range(4)]
+    model.box_prior = 1e4  # masks = the ellipses: the chain never loses the object
+    try:
+        propagate(p, frames, {1: [(10, 10, 50, 40)]}, chain_prior=0.25)
+    finally:
+        model.box_prior = 0.0
+    assert calls == [1.0, 0.25, 0.25, 0.25]  # key frame 1, then 2, 3 forward and 0 backward
+    calls.clear()
+    propagate(p, frames, {1: [(10, 10, 50, 40)]}, chain_prior=0.25)
+    assert len(calls) >= 1 and set(calls) == {1.0}

@@ -128,10 +128,12 @@ class Predictor:
         labels: Sequence[int] | None = None,
         refine: bool = False,
         mask_input: torch.Tensor | None = None,
+        prior_scale: float = 1.0,
     ) -> Prediction:
         """One mask per box (or one for points alone).  With several boxes, each point goes to
         the box that contains it (else the nearest box).  ``refine`` runs a second pass with the
-        first mask's logits as a mask prompt."""
+        first mask's logits as a mask prompt.  ``prior_scale`` multiplies the model's box-shape
+        prior (:mod:`uniultra.models.prior`; propagation weakens it for boxes it derived itself)."""
         hw = self.image_hw
         if boxes is not None and len(boxes) and np.ndim(boxes) == 1:
             boxes = [boxes]
@@ -156,18 +158,19 @@ class Predictor:
                                      device=self.device)[None]
                 pl = torch.as_tensor(lab[sel], device=self.device)[None]
             mi = None if mask_input is None else mask_input[i:i + 1].to(self.device)
-            logits, iou = self._decode(box_t, pc, pl, mi)
+            logits, iou = self._decode(box_t, pc, pl, mi, prior_scale)
             if refine:
-                logits, iou = self._decode(box_t, pc, pl, logits)
+                logits, iou = self._decode(box_t, pc, pl, logits, prior_scale)
             logits_all.append(logits)
             scores.append(float(iou[0, 0]))
         low = torch.cat(logits_all, 0)
         masks = (upsample_logits(low[:, 0].float().cpu(), hw, self.size) > 0).numpy()
         return Prediction(masks, np.asarray(scores, dtype=np.float32), low)
 
-    def _decode(self, box_t, pc, pl, mi):
+    def _decode(self, box_t, pc, pl, mi, prior_scale: float = 1.0):
         """Decode one object's prompts; with ``tta`` average with the mirrored image's answer."""
-        logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi)
+        kw = {"prior_scale": prior_scale} if prior_scale != 1.0 else {}
+        logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi, **kw)
         if self._emb_mirror is None:
             return logits, iou
         S = float(self.size)
@@ -176,7 +179,7 @@ class Predictor:
         mbox = None if box_t is None else torch.stack([S - box_t[:, 2], box_t[:, 1], S - box_t[:, 0], box_t[:, 3]], 1)
         mpc = None if pc is None else torch.stack([S - pc[..., 0] - S / self._hw[1], pc[..., 1]], -1)
         mmi = None if mi is None else mi.flip(-1)
-        logits2, iou2 = self.model.decode(self._emb_mirror, mbox, mpc, pl, mmi)
+        logits2, iou2 = self.model.decode(self._emb_mirror, mbox, mpc, pl, mmi, **kw)
         return (logits + logits2.flip(-1)) / 2, (iou + iou2) / 2
 
     def segment(self, image: np.ndarray, boxes=None, points=None, labels=None, refine: bool = False) -> list[np.ndarray]:

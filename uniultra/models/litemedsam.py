@@ -197,7 +197,7 @@ class LiteMedSAMModel(UniUltraModel):
         return e
 
     def decode(self, emb: dict, boxes=None, point_coords=None, point_labels=None, mask_input=None,
-               multimask: bool = False):
+               multimask: bool = False, prior_scale: float = 1.0):
         """SAM's prompt encoder and mask decoder: a box and points together, as SAM takes them
         (points alone get SAM's padding point)."""
         coords, labels = point_coords, None if point_labels is None else point_labels.to(torch.int64)
@@ -212,7 +212,7 @@ class LiteMedSAMModel(UniUltraModel):
         if coords is None:
             raise ValueError("a prompt needs a box or points")
         logits, iou = self.decode_sparse(emb, self.sparse_embeddings(coords.float(), labels), mask_input, multimask)
-        return self.with_box_prior(logits, boxes), iou
+        return self.with_box_prior(logits, boxes, prior_scale), iou
 
     def decode_sparse(self, emb: dict, sparse: torch.Tensor, mask_input=None, multimask: bool = False):
         pe = self.sam.sam_prompt_encoder

@@ -57,8 +57,10 @@ class UniUltraModel(nn.Module):
         point_labels: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask: bool = False,
+        prior_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one prompt set per row; an embedding of batch 1 is shared by all rows."""
+        """Decode one prompt set per row; an embedding of batch 1 is shared by all rows.
+        ``prior_scale`` multiplies the model's box-shape prior (propagation's chained boxes)."""
         sam = self.sam
         coords, labels = point_coords, point_labels
         if boxes is not None:
@@ -88,13 +90,13 @@ class UniUltraModel(nn.Module):
             repeat_image=repeat,
             high_res_features=high,
         )
-        return self.with_box_prior(logits, boxes), iou
+        return self.with_box_prior(logits, boxes, prior_scale), iou
 
-    def with_box_prior(self, logits: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
-        """``logits`` plus this model's box-shape prior for the rows' boxes (none when 0)."""
+    def with_box_prior(self, logits: torch.Tensor, boxes: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+        """``logits`` plus this model's box-shape prior (times ``scale``) for the rows' boxes."""
         from uniultra.models.prior import add_box_prior
 
-        return add_box_prior(logits, boxes, self.box_prior, self.image_size)
+        return add_box_prior(logits, boxes, self.box_prior * scale, self.image_size)
 
     def forward(self, images, boxes=None, point_coords=None, point_labels=None, mask_input=None):
         """Single-mask logits at S/4 for a batch of images with one prompt set each."""
