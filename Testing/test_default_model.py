@@ -35,10 +35,10 @@ def test_default_is_the_one_every_front_end_uses():
     spec.loader.exec_module(mod)  # the Slicer effect's Qt-free engine bridge (numpy only)
     effect_default = mod.DEFAULT_MODEL
 
-    assert DEFAULT_MODEL == engine_default == effect_default == "uniultra-mini-us6"
+    assert DEFAULT_MODEL == engine_default == effect_default == "uniultra-mini-us6p"
 
 
-@pytest.mark.parametrize("name", ["busi", "ddti", "hc18", "carotid", "dltrack_apo"])
+@pytest.mark.parametrize("name", ["busi", "ddti", "hc18", "carotid", "ctrus", "dltrack_apo"])
 def test_beats_ellipse_with_jittered_boxes(predictor, dataset_root, name):
     def segment(image, boxes, points, labels):
         predictor.set_image(image)

@@ -114,23 +114,26 @@ def test_shipped_recipe_reproduces_at_tiny_scale(data, tmp_path):
     assert "skipped" in r2.stderr
 
 
-def test_default_recipe_reproduces_at_tiny_scale(data, tmp_path):
-    """`uniultra recipe run recipes/uniultra-mini-us6.yaml` (the bundled default's recipe) with the
-    scale turned down: it continues the previous default with its own settings, names the result,
-    stores it in fp16 and evaluates it."""
-    out = tmp_path / "us6"
+@pytest.mark.parametrize("name, init, prior", [("uniultra-mini-us6", "uniultra-mini-us", None),
+                                               ("uniultra-mini-us6p", "uniultra-mini-us6", 8.0)])
+def test_default_recipe_reproduces_at_tiny_scale(data, tmp_path, name, init, prior):
+    """`uniultra recipe run recipes/<name>.yaml` (the bundled default's recipe, and the one before it)
+    with the scale turned down: it continues the model before it with its own settings, names the
+    result, stores it in fp16 with its box-shape prior, and evaluates it."""
+    out = tmp_path / name
     tiny = ["steps=2", "batch_size=2", "val_every=1", "val_batch=4", "num_workers=0", "warmup_steps=1",
             "device=cpu", "threads=1", "log_every=1", "data_weights=null"]
-    args = ["recipe", "run", str(RECIPES / "uniultra-mini-us6.yaml"), f"data_root={data.parent}", "datasets=[syn]",
+    args = ["recipe", "run", str(RECIPES / f"{name}.yaml"), f"data_root={data.parent}", "datasets=[syn]",
             "test_sets=[syn]", f"out={out}", "stages.test.options.device=cpu", "stages.test.options.split=val",
             *[f"stages.train.options.{kv}" for kv in tiny]]
     r = _cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.loads((out / "train" / "config.json").read_text())
-    assert (cfg["model"], cfg["peft"], cfg["augment"], cfg["loss_weights"], cfg["image_size"]) == (
-        "uniultra-mini-us", "full", True, "dice=1,bce=1,iou=1", 256)
+    assert (cfg["model"], cfg["peft"], cfg["augment"], cfg["loss_weights"], cfg["image_size"], cfg["box_prior"]) == (
+        init, "full", True, "dice=1,bce=1,iou=1", 256, prior)
     ck = torch.load(out / "train" / "model_full.pt", map_location="cpu", weights_only=True)
-    assert ck["uniultra"]["name"] == "uniultra-mini-us6" and ck["uniultra"]["arch"] == "uniultra-student-e16"
+    assert ck["uniultra"]["name"] == name and ck["uniultra"]["arch"] == "uniultra-student-e16"
+    assert ck["uniultra"].get("box_prior") == prior
     assert all(v.dtype == torch.float16 for v in ck["model"].values() if v.is_floating_point())
     ev = json.loads((out / "test" / "evaluation.json").read_text())
     assert set(ev["datasets"]) == {"syn"} and ev["datasets"]["syn"]["n_images"] > 0

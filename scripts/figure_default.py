@@ -1,10 +1,12 @@
-"""The README's picture of the default change: test images with 10%-jittered boxes (seed 0, the
-same boxes for both models), ground truth, the previous default and the new one.
+"""The README's pictures of a default change: test images with 10%-jittered boxes (seed 0, the
+same boxes for every column), ground truth, then each model's mask with its Dice.
 
     .venv/bin/python scripts/figure_default.py [--out docs/images/default_us6.png]
+    .venv/bin/python scripts/figure_default.py --models ellipse uniultra-mini-us6 uniultra-mini-us6p \
+        --sets camus dltrack_apo busi --out docs/images/default_us6p.png
 
-Rows: one test image per data set (image ``--index`` of each test split); columns: ground
-truth, ``uniultra-mini-us``, ``uniultra-mini-us6``, each with its Dice in the panel's title strip.
+Rows: one test image per data set (image ``--index`` of each test split); columns: ground truth,
+then ``--models`` (registry names or checkpoints; ``ellipse`` is the ellipse inscribed in each box).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main() -> int:
     from uniultra.data.datasets import UniformDataset, mask_instances
     from uniultra.data.io import render_overlay
     from uniultra.data.prompts import jitter_box
-    from uniultra.evaluation.metrics import dice
+    from uniultra.evaluation.metrics import baseline_mask, dice
     from uniultra.inference import Predictor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,9 +37,10 @@ def main() -> int:
     ap.add_argument("--sets", nargs="+", default=["dltrack_apo", "busi", "ctrus"])
     ap.add_argument("--index", type=int, default=3, help="which test image of each set (split order)")
     ap.add_argument("--size", type=int, default=256, help="panel size in pixels")
+    ap.add_argument("--models", nargs="+", default=["uniultra-mini-us", "uniultra-mini-us6"],
+                    help="registry names or checkpoints, or 'ellipse' (the ellipse inscribed in each box)")
     args = ap.parse_args()
-    models = {"uniultra-mini-us (previous)": Predictor.from_name("uniultra-mini-us", "cpu"),
-              "uniultra-mini-us6 (default)": Predictor.from_name("uniultra-mini-us6", "cpu")}
+    models = {m: None if m == "ellipse" else Predictor.from_name(m, "cpu") for m in args.models}
     rng = np.random.default_rng(0)
     rows = []
     for name in args.sets:
@@ -48,12 +51,15 @@ def main() -> int:
         gt = lab != 0
         panels = [(f"{name}: ground truth", render_overlay(image, [gt], boxes))]
         for label, p in models.items():
-            p.set_image(image)
-            m = np.any(p.predict(boxes=boxes).masks, axis=0)
+            if p is None:
+                m = baseline_mask(boxes, lab.shape, "ellipse")
+            else:
+                p.set_image(image)
+                m = np.any(p.predict(boxes=boxes).masks, axis=0)
             panels.append((f"{label}: Dice {dice(m, gt):.2f}", render_overlay(image, [m], boxes)))
         rows.append(panels)
     s, strip = args.size, 18
-    sheet = Image.new("RGB", (s * 3, (s + strip) * len(rows)), "white")
+    sheet = Image.new("RGB", (s * (1 + len(models)), (s + strip) * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, panels in enumerate(rows):
         for c, (title, rgb) in enumerate(panels):

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The bundled default model: the one name every front end (CLI, Python API, Slicer modules, web
 # app, batch) falls back to.  $UNIULTRA_MODEL overrides it where a front end reads the environment.
-DEFAULT_MODEL = "uniultra-mini-us6"
+DEFAULT_MODEL = "uniultra-mini-us6p"
 
 
 def resources_dir() -> Path:
