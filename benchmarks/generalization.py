@@ -115,6 +115,52 @@ def zero_shot_recipe(args) -> dict:
             "embed_cache": args.cache}}}}
 
 
+PRIOR_WEIGHTS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def inference_prior(args, left_out: str) -> dict | None:
+    """The fold's finished student (trained without a prior) with the box-shape prior added at use, its weight chosen from
+    PRIOR_WEIGHTS on the val splits of the fold's *training* anatomies (``--val-images`` each), then
+    scored on the left-out test split.  Writes ``<fold>/test-student-iprior/evaluation.json`` (with
+    the chosen weight and the val curve); skipped when the model is missing, reused when written."""
+    from uniultra.evaluation.evaluate import evaluate_dataset
+    from uniultra.inference import Predictor
+    from uniultra.models import build_model
+
+    fold = Path(args.out) / left_out
+    src = fold / "student" / "finetune" / "model.pt"
+    out = fold / "test-student-iprior" / "evaluation.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    if not src.is_file():
+        return None
+    model = build_model(str(src))
+    own = model.box_prior
+    p = Predictor(model, "cpu")
+
+    def seg(image, boxes, points, labels):
+        p.set_image(image)
+        return list(p.predict(boxes=boxes, points=points, labels=labels).masks)
+
+    curve = {}
+    for w in PRIOR_WEIGHTS:
+        model.box_prior = own + w
+        dice = [evaluate_dataset(seg, Path(args.data) / a, split="val", jitter=0.1, limit=args.val_images,
+                                 progress=False)["datasets"][a]["dice"]
+                for a in args.anatomies if a != left_out]
+        curve[w] = sum(dice) / len(dice)
+    best = max(PRIOR_WEIGHTS, key=lambda w: (round(curve[w], 4), -w))
+    model.box_prior = own + best
+    res = evaluate_dataset(seg, Path(args.data) / left_out, split="test", jitter=0.1, limit=args.test_images,
+                           progress=False)
+    res.update(model=str(src), added_prior=best, val_curve={f"{w:g}": v for w, v in curve.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"{left_out} student: + prior {best:g} chosen on val ({', '.join(f'{w:g}: {v:.3f}' for w, v in curve.items())}); "
+          f"test Dice {res['datasets'][left_out]['dice']:.3f}", flush=True)
+    return res
+
+
 def run_recipe(recipe: dict, path: Path) -> None:
     from omegaconf import OmegaConf
 
@@ -144,6 +190,7 @@ def table(args) -> tuple[str, dict]:
         m = read_eval(Path(args.out) / a / "test-masks" / "evaluation.json", a) or {}
         sp = read_eval(Path(args.out) / a / "test-student-prior" / "evaluation.json", a) or {}
         mp = read_eval(Path(args.out) / a / "test-masks-prior" / "evaluation.json", a) or {}
+        si = read_eval(Path(args.out) / a / "test-student-iprior" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
@@ -152,17 +199,20 @@ def table(args) -> tuple[str, dict]:
                   "masks": m.get("dice"), "masks_p10": m.get("dice_p10"),
                   "student_prior": sp.get("dice"), "student_prior_p10": sp.get("dice_p10"),
                   "masks_prior": mp.get("dice"), "masks_prior_p10": mp.get("dice_p10"),
+                  "student_iprior": si.get("dice"), "student_iprior_p10": si.get("dice_p10"),
                   "structure": {"ellipse": z.get("ellipse_structure_dice"), "zeroshot": z.get("structure_dice"),
                                 "teacher": t.get("structure_dice"), "student": s.get("structure_dice"),
                                 "hint": h.get("structure_dice"), "masks": m.get("structure_dice"),
-                                "student_prior": sp.get("structure_dice"), "masks_prior": mp.get("structure_dice")}}
+                                "student_prior": sp.get("structure_dice"), "masks_prior": mp.get("structure_dice"),
+                                "student_iprior": si.get("structure_dice")}}
 
         def f(k, r=res[a]):
             v, p = r.get(k), r.get(f"{k}_p10")
             return "-" if v is None else f"{v:.3f} ({p:.2f})" if p is not None else f"{v:.3f}"
 
         rows.append(f"| {a} | {res[a]['images'] or '-'} | {f('ellipse')} | {f('zeroshot')} | {f('teacher')} | "
-                    f"{f('student')} | {f('student_prior')} | {f('masks')} | {f('hint')} | {f('masks_prior')} |")
+                    f"{f('student')} | {f('student_prior')} | {f('student_iprior')} | {f('masks')} | {f('hint')} | "
+                    f"{f('masks_prior')} |")
     head = [f"Leave one anatomy out (test splits, at most {args.test_images} images per anatomy, evenly spread; "
             f"10%-jittered boxes, the same seeded boxes for every column). Mean Dice (10th percentile).",
             f"Fold settings: teacher = LiteMedSAM decoder trained {args.teacher_steps} steps (batch 8) on cached "
@@ -171,24 +221,29 @@ def table(args) -> tuple[str, dict]:
                if args.student else "; no student folds in this run.")
             + (f" Default-recipe columns: {args.hint_init} trained {args.hint_steps} steps (batch 8) on the other "
                "anatomies' masks alone, and with LiteMedSAM feature hints (weight 0.2); '-' where that fold was not "
-               f"run or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else ""),
+               f"run or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else "")
             + (f" Box-prior columns (uniultra/models/prior.py): the same runs with the prior of weight {args.box_prior:g} "
-               "trained in (student: in its fine-tuning stage)." if args.box_prior else ""),
+               "trained in (student: in its fine-tuning stage)." if args.box_prior else "")
+            + " 'Student + prior at use': the student without a prior, the prior added when it is used, its weight "
+              f"chosen from {', '.join(f'{w:g}' for w in PRIOR_WEIGHTS)} on the val splits of the fold's training "
+              f"anatomies ({args.val_images} images each).",
             "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
-                "| student + box prior | default recipe, masks | default recipe + hints | default recipe, masks + box prior |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+                "| student + box prior | student + prior at use | default recipe, masks | default recipe + hints "
+                "| default recipe, masks + box prior |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     multi = [a for a in args.anatomies if any(v is not None for v in res[a]["structure"].values())]
     if multi:
         rows += ["", "Anatomies with several labelled structures per image: mean Dice per structure (the union "
                  "Dice above hides a ring filled in by its neighbours).", "",
                  "| left-out anatomy | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
-                 "| student + box prior | default recipe, masks | default recipe + hints | default recipe, masks + box prior |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| student + box prior | student + prior at use | default recipe, masks | default recipe + hints "
+                 "| default recipe, masks + box prior |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for a in multi:
             st = res[a]["structure"]
             rows.append(f"| {a} | " + " | ".join("-" if st[k] is None else f"{st[k]:.3f}"
-                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "student_prior", "masks",
-                                                           "hint", "masks_prior")) + " |")
+                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "student_prior",
+                                                           "student_iprior", "masks", "hint", "masks_prior")) + " |")
     return "\n".join(head + rows), res
 
 
@@ -214,6 +269,9 @@ def main() -> int:
     ap.add_argument("--hint-weight", type=float, default=0.2, help="0: the masks alone (the control run)")
     ap.add_argument("--box-prior", dest="box_prior", type=float, default=0.0,
                     help="train the student / default-recipe runs with this box-prior weight (stages *-prior)")
+    ap.add_argument("--inference-prior", dest="inference_prior", action="store_true",
+                    help="score each fold's finished student with the box-shape prior added at use, its weight chosen "
+                         "on the fold's training anatomies' val splits (test-student-iprior)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")
@@ -232,7 +290,13 @@ def main() -> int:
                   f"{', '.join(sorted(seen))}, so those folds would not be leave-one-out; choose other --folds "
                   "or another --hint-init", file=sys.stderr)
             return 2
-    if not args.table_only:
+    if args.inference_prior and not args.table_only:
+        import torch
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        for a in args.folds or args.anatomies:
+            inference_prior(args, a)
+    elif not args.table_only:
         run_recipe(zero_shot_recipe(args), Path(args.out) / "zeroshot.yaml")
         for a in args.folds or args.anatomies:
             name = f"{a}{prior_suffix(args)}.yaml" if args.teacher else f"{a}-{hint_stage(args)}.yaml"

@@ -31,11 +31,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIULTRA_DATA", REPO.parent / "shared" / "data"))
-MODELS = [("uniultra-mini-us6", "uniultra-mini-us6 (bundled default)"),
-          ("uniultra-mini-us", "uniultra-mini-us (previous default)"),
-          ("uniultra-mini-lm", "UniUltra-mini on LiteMedSAM's decoder"),
-          ("litemedsam", "LiteMedSAM"),
-          ("sam2.1-hiera-tiny", "SAM2.1-hiera-tiny @1024")]
+DEFAULT = "uniultra-mini-us6p"  # uniultra.registry.DEFAULT_MODEL (checked in main)
+LABELS = {DEFAULT: f"{DEFAULT} (bundled default)",
+          "uniultra-mini-us6": "uniultra-mini-us6 (previous default)",
+          "uniultra-mini-us": "uniultra-mini-us (first default)",
+          "uniultra-mini-lm": "UniUltra-mini on LiteMedSAM's decoder",
+          "litemedsam": "LiteMedSAM",
+          "sam2.1-hiera-tiny": "SAM2.1-hiera-tiny @1024"}
+MODELS = list(LABELS)
 RANDOM = ("sam2", "uniultra-mini-lm")  # speed does not depend on the weights: no downloads
 
 
@@ -108,8 +111,13 @@ def main() -> int:
         return 0
     base = baseline_rss()
     rows = []
-    chosen = [m for m in MODELS if m[0] in args.models] if args.models else MODELS
-    for name, label in chosen:
+    from uniultra.registry import DEFAULT_MODEL
+
+    if DEFAULT_MODEL != DEFAULT:
+        print(f"speed: the bundled default is now {DEFAULT_MODEL}: update DEFAULT in {__file__}", file=sys.stderr)
+        return 2
+    for name in args.models or MODELS:
+        label = LABELS.get(name, name)
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats),
                               "--threads", str(args.threads)], capture_output=True, text=True)
         if out.returncode:

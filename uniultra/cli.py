@@ -49,7 +49,12 @@ def _load_predictor(args):
     from uniultra.inference import Predictor
     from uniultra.models import build_model
 
-    return Predictor(build_model(args.model), args.device, tta=getattr(args, "tta", False))
+    model = build_model(args.model)
+    if getattr(args, "box_prior", None) is not None:  # try the box-shape prior on any model
+        from uniultra.models.prior import check_weight
+
+        model.box_prior = check_weight(args.box_prior)
+    return Predictor(model, args.device, tta=getattr(args, "tta", False))
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict]:
@@ -435,6 +440,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _tta_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average with the mirrored image (about 2x slower, slightly better)")
+    p.add_argument("--box-prior", dest="box_prior", type=float, metavar="W",
+                   help="box-shape prior weight to use instead of the model's own (W x the ellipse inscribed in "
+                        "each box, added to the logits; 0 = none; see uniultra/models/prior.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
