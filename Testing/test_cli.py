@@ -74,6 +74,8 @@ def test_segment_batch_bad_rows_write_nothing(capsys, ckpt, image, tmp_path, row
     (["--image", "{img}", "--box", 1, 1, 5, 5, "--model", "no-such-model"], "unknown model"),
     (["--image", "{img}", "--box", 1, 1, 5, 5, "--model", "sam2.1-hiera-large"], "dl.fbaipublicfiles.com"),
     (["--image", "{img}", "--box", 1, 1, 5, 5, "--device", "cuda"], "cuda"),
+    (["--image", "{img}", "--box", 1, 1, 5, 5, "--box-prior", -1], "--box-prior"),
+    (["--image", "{img}", "--box", 1, 1, 5, 5, "--box-prior", "nan"], "--box-prior"),
 ])
 def test_segment_bad_inputs(capsys, ckpt, image, tmp_path, argv, message, monkeypatch):
     monkeypatch.setenv("UNIULTRA_HOME", str(tmp_path / "home"))
@@ -86,6 +88,19 @@ def test_segment_bad_inputs(capsys, ckpt, image, tmp_path, argv, message, monkey
     assert code == 2, err
     assert message in err and "Traceback" not in err and err.startswith("uniultra: error:")
     assert not out_png.exists()
+
+
+def test_box_prior_option_overrides_the_models_own(capsys, ckpt, image, tmp_path):
+    """--box-prior W: with a weight far above the logits the mask is the box's inscribed ellipse."""
+    from uniultra.data.io import read_mask
+    from uniultra.evaluation.metrics import baseline_mask, dice
+
+    box = (6, 8, 50, 40)
+    code, _, err = run(capsys, "segment", "--image", image, "--box", *box, "--model", ckpt, "--device", "cpu",
+                       "--box-prior", 1e4, "--out", tmp_path / "m.png")
+    assert code == 0, err
+    m = read_mask(tmp_path / "m.png") > 0
+    assert dice(m, baseline_mask([box], m.shape, "ellipse")) > 0.9
 
 
 def test_truncated_model_file(capsys, ckpt, image, tmp_path):
