@@ -11,8 +11,14 @@ boxes and LiteMedSAM zero-shot on the same images.  Settings are the same for ev
     .venv/bin/python benchmarks/generalization.py --folds camus ctrus --teacher-steps 50   # a quick look
     .venv/bin/python benchmarks/generalization.py --hint-student --folds camus ctrus dltrack_apo
                                                   # the shipped default's recipe per fold (see below)
+    .venv/bin/python benchmarks/generalization.py --student --box-prior 8           # students with
+                                                  # the box-shape prior trained in (fine-tuning stage)
+    .venv/bin/python benchmarks/generalization.py --hint-student --hint-weight 0 --box-prior 8 \
+        --folds camus ctrus dltrack_apo           # default-recipe folds with the box-shape prior trained in
+    .venv/bin/python benchmarks/generalization.py --inference-prior --student      # the students
+                                                  # with the prior added at use (weight chosen on val)
 
-``--hint-student``: the recipe of the shipped default (``recipes/uniultra-mini-us7.yaml``) per fold:
+``--hint-student``: the recipe of ``recipes/uniultra-mini-us6.yaml`` per fold:
 ``--hint-init`` (default ``uniultra-mini-us``) trained on the other anatomies' masks with feature
 hints from LiteMedSAM's frozen encoder.  A fold whose left-out anatomy the initial model was
 trained on is refused (it would not be leave-one-out): the model's checkpoint names its data.
