@@ -169,8 +169,7 @@ class Predictor:
 
     def _decode(self, box_t, pc, pl, mi, prior_scale: float = 1.0):
         """Decode one object's prompts; with ``tta`` average with the mirrored image's answer."""
-        kw = {"prior_scale": prior_scale} if prior_scale != 1.0 else {}
-        logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi, **kw)
+        logits, iou = self.model.decode(self._emb, box_t, pc, pl, mi, prior_scale=prior_scale)
         if self._emb_mirror is None:
             return logits, iou
         S = float(self.size)
@@ -179,7 +178,7 @@ class Predictor:
         mbox = None if box_t is None else torch.stack([S - box_t[:, 2], box_t[:, 1], S - box_t[:, 0], box_t[:, 3]], 1)
         mpc = None if pc is None else torch.stack([S - pc[..., 0] - S / self._hw[1], pc[..., 1]], -1)
         mmi = None if mi is None else mi.flip(-1)
-        logits2, iou2 = self.model.decode(self._emb_mirror, mbox, mpc, pl, mmi, **kw)
+        logits2, iou2 = self.model.decode(self._emb_mirror, mbox, mpc, pl, mmi, prior_scale=prior_scale)
         return (logits + logits2.flip(-1)) / 2, (iou + iou2) / 2
 
     def segment(self, image: np.ndarray, boxes=None, points=None, labels=None, refine: bool = False) -> list[np.ndarray]:
