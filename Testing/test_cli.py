@@ -133,6 +133,12 @@ def test_propagate_frames_and_clip(capsys, ckpt, tmp_path):
                        "--out-dir", tmp_path / "out2", "--model", ckpt)
     assert code == 0, err
     assert len(list((tmp_path / "out2").iterdir())) == 4
+    code, _, err = run(capsys, "propagate", "--clip", clip, "--frame", 0, "--box", 5, 5, 30, 30,
+                       "--motion", "none", "--out-dir", tmp_path / "out2b", "--model", ckpt)
+    assert code == 0, err
+    code, _, err = run(capsys, "propagate", "--clip", clip, "--frame", 0, "--box", 5, 5, 30, 30,
+                       "--motion", "flow", "--out-dir", tmp_path / "out2c", "--model", ckpt)
+    assert code == 2 and "'flow'" in err and "ncc" in err and not (tmp_path / "out2c").exists()
     (tmp_path / "prompts.csv").write_text("id,x0,y0,x1,y1\nf9,5,5,30,30\n")
     code, _, err = run(capsys, "propagate", "--frames", tmp_path / "frames.csv", "--prompts",
                        tmp_path / "prompts.csv", "--out-dir", tmp_path / "out3", "--model", ckpt)

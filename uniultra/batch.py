@@ -483,9 +483,11 @@ class Options:
     png: bool = False
     save_frames: bool = False
     cache_mb: int = 1024
+    motion: str = "ncc"
 
     def fingerprint(self) -> dict:  # what changes the masks (not what extra files are written)
-        return {"direction": self.direction, "engine": self.engine, "margin": self.margin, "anchor": self.anchor}
+        return {"direction": self.direction, "engine": self.engine, "margin": self.margin, "anchor": self.anchor,
+                "motion": self.motion}
 
 
 def label_clip(predictor, frames: list[np.ndarray], job: ClipJob, opts: Options,
@@ -543,7 +545,7 @@ def label_clip(predictor, frames: list[np.ndarray], job: ClipJob, opts: Options,
             masks = propagate_memory(cp, frames, key_boxes, opts.direction, progress=tick, cancel=cancel)
         else:
             masks = propagate(cp, frames, key_boxes, opts.direction, margin=opts.margin, anchor=opts.anchor,
-                              progress=tick, cancel=cancel)
+                              motion=opts.motion, progress=tick, cancel=cancel)
         for k, m in key_masks.items():  # key frames with points: the point-prompted answer, plus box-only objects
             box_only = [p.box for p in prompts if p.frame == k and not p.points]
             if box_only:
@@ -954,6 +956,8 @@ def add_batch_parser(sub) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "box", "memory"])
     p.add_argument("--margin", type=arg_number(0.0), default=0.05, help="box expansion between frames (fraction)")
     p.add_argument("--anchor", type=arg_number(0.0, 1.0), default=0.3, help="pull each frame's box size towards the key box's size")
+    p.add_argument("--motion", default="ncc", choices=["ncc", "none"],
+                   help="move each frame's box by the structure's motion (image correlation), or chain boxes in place")
     p.add_argument("--cache-mb", type=arg_number(0, integer=True), default=1024, help="memory for frame embeddings shared by structures")
     p.add_argument("--model", default=None, help="default model for rows without one (registry name or checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -963,7 +967,8 @@ def add_batch_parser(sub) -> None:
 
 def cmd_batch(args) -> int:
     jobs = read_manifest(args.manifest, args.prompts)
-    opts = Options(args.direction, args.engine, args.margin, args.anchor, args.png, args.save_frames, args.cache_mb)
+    opts = Options(args.direction, args.engine, args.margin, args.anchor, args.png, args.save_frames, args.cache_mb,
+                   motion=args.motion)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out-dir {out_dir} is a file, not a folder")

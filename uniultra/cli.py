@@ -333,7 +333,7 @@ def cmd_propagate(args) -> int:
             masks = propagate_memory(predictor, frames, key_boxes, args.direction, progress=progress)
         else:
             masks = propagate(predictor, frames, key_boxes, args.direction, margin=args.margin, anchor=args.anchor,
-                              progress=progress)
+                              motion=args.motion, progress=progress)
     finally:
         bar.close()
     import numpy as np
@@ -388,7 +388,8 @@ def _evaluate(args, out_dir) -> dict:
 
         attach(predictor.model, args.embed_cache)
     if args.clips:
-        return evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb), args.data, split=args.split,
+        return evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb, motion=args.motion), args.data,
+                              split=args.split,
                               jitter=args.jitter, seed=args.seed, out_dir=out_dir, limit=args.limit,
                               progress=sys.stderr.isatty())
 
@@ -493,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=NON_NEGATIVE, default=0.05, help="box expansion between frames (fraction)")
     p.add_argument("--anchor", type=FRACTION, default=0.3,
                    help="pull each frame's box size towards the key box's size (0 = none, 1 = fixed size)")
+    p.add_argument("--motion", default="ncc", choices=["ncc", "none"],
+                   help="move each frame's box by the structure's motion (image correlation), or chain boxes in place")
     p.add_argument("--out-dir", required=True)
     _model_args(p)
     _tta_arg(p)
@@ -511,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="box", choices=["box", "point", "box+points"])
     p.add_argument("--refine", action="store_true")
     p.add_argument("--clips", action="store_true", help="cine evaluation: first-frame box, propagated")
+    p.add_argument("--motion", default="ncc", choices=["ncc", "none"],
+                   help="with --clips: propagation follows the structure's motion (image correlation) or not")
     p.add_argument("--seed", type=arg_number(0, integer=True), default=0)
     p.add_argument("--limit", type=AT_LEAST_1, default=None, help="at most N images per dataset, evenly spread over the split")
     p.add_argument("--embed-cache", default=None, metavar="DIR",
