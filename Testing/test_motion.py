@@ -24,7 +24,7 @@ def _texture(h=240, w=260, seed=0):
 def test_shift_of_a_moved_texture_is_found(dx, dy):
     img = _texture()
     cur = np.roll(img, (dy, dx), axis=(0, 1))
-    ex, ey, score = estimate_shift(img, cur, (90, 80, 149, 139))  # 60 px box: searched +-60 px
+    ex, ey, score = estimate_shift(img, cur, (90, 80, 149, 139))  # 60 px box: searched +-120 px
     assert abs(ex - dx) <= 2 and abs(ey - dy) <= 2 and score > 0.8, (ex, ey, score)
 
 
@@ -34,6 +34,19 @@ def test_shift_near_the_border_and_of_a_small_box():
     assert estimate_shift(img, cur, (0, 0, 30, 25))[:2] == (6, 4)  # search window clipped at the corner
     cur = np.roll(img, (4, -6), axis=(0, 1))
     assert estimate_shift(img, cur, (120, 120, 127, 126))[:2] == (-6, 4)
+
+
+def test_a_structure_leaving_the_image_is_followed_to_the_edge():
+    """A patch at the image's edge whose content moves out of the field of view: it is matched on
+    the part still inside (masked NCC), not on some look-alike across the image."""
+    wide = _texture(240, 400, seed=3)
+    prev, cur = wide[:, 50:310], wide[:, 62:322]  # the view slides right: content moves 12 px left
+    assert estimate_shift(prev, cur, (0, 100, 40, 150))[:2] == (-12, 0)
+    prev, cur = wide[:, 100:360], wide[:, 85:345]  # and 15 px right, out at the right edge
+    dx, dy, _ = estimate_shift(prev, cur, (220, 100, 259, 150))
+    assert abs(dx - 15) <= 2 and dy == 0  # 2 px: the 61 px tall patch is matched on a 2 px grid
+    # 20 of the patch's 48 columns gone (less than half): still found on the rest
+    assert estimate_shift(wide[:, 50:310], wide[:, 70:330], (0, 100, 40, 150))[:2] == (-20, 0)
 
 
 def test_flat_patch_or_tiny_box_does_not_move():

@@ -3,7 +3,7 @@
 What the pictures are, honestly: Slicer's own slice-view rendering (vtkMRMLSliceLogic reslicing
 the volume, vtkMRMLSegmentationsDisplayableManager2D drawing the segment), run off-screen from
 `slicer-core` (Slicer's Qt-free core from PyPI), not a capture of the Slicer application window.
-The masks come from the bundled `uniultra-mini-us` model through the module's engine bridge
+The masks come from the bundled default model through the module's engine bridge
 (`UniUltraSegmentLib.engine`: predict, propagate), written into the segment (for the cine: into
 each frame of the segmentation sequence) with Slicer's Segmentations logic.  The dashed yellow rectangle is the box prompt, drawn on the render by this script.
 
@@ -31,16 +31,14 @@ sys.path.insert(0, str(REPO / "UniUltraSegment"))
 sys.path.insert(0, str(REPO))
 
 SAMPLE = REPO / "UniUltraSegment" / "Resources" / "SampleData"
-MODEL = "uniultra-mini-us"
+from uniultra.registry import DEFAULT_MODEL as MODEL  # noqa: E402  (the bundled default)
+
 # Box prompts (x0, y0, x1, y1 pixels, inclusive): the expert mask's bounding box widened by a few
 # pixels, as a user would draw it.  Expert boxes: carotid 53 135 120 196 (CarotidUS.png =
 # carotid/images/202201121748100022VAS_01069.png), cine frame 0 239 106 296 158
 # (202201121752220024VAS_00599.png).
 CAROTID_BOX = (48, 130, 125, 201)
 CINE_BOX = (234, 101, 301, 163)
-# The correction: frame 3, where the first pass lost the artery (expert box 158 102 216 156).
-CORRECTION_FRAME = 2
-CORRECTION_BOX = (153, 97, 221, 161)
 CINE_FRAMES = [f"202201121752220024VAS_{n}" for n in "00599 00603 00646 00657 00668 00691 00693 00699 00713 00721".split()]
 HC18_ID = "005_HC"
 SEGMENT_COLOR = (0.2, 0.85, 0.55)  # fixed, so a regenerated picture differs only where the product does
@@ -278,12 +276,16 @@ def make_segment_png(new_context, predictor, data: Path | None, out: Path, recor
 
 
 def make_propagate_png(ctx, predictor, data: Path | None, out: Path, record: dict) -> None:
-    """Tutorial steps 4-5 on the sample cine: one box on frame 1, propagate; where the artery is
-    lost (the clip jumps between sparse acquisition frames), correct with a box on that frame and
-    propagate again from there.  Two rows: before and after the correction."""
+    """Tutorial step 3 on the sample cine, which jumps between sparse acquisition frames (the
+    artery moves by about its width between frames 2 and 3): one box on frame 1, propagated
+    forward.  Two rows: boxes chained in place (``motion="none"``, what propagation did before
+    it followed motion), then the effect's own propagation through the engine bridge, which
+    moves each box by the image's motion."""
     from UniUltraSegmentLib.engine import make_propagate
     from UniUltraSegmentLib.geometry import ijk_to_ras_of
     from UniUltraSegmentLib.sequences import ensure_segmentation_sequence, load_sequence_file
+
+    from uniultra.inference import propagate as engine_propagate
 
     cine = load_sequence_file(ctx, SAMPLE / "CarotidCine.seq.nrrd")
     grey_display(ctx, cine.proxy)
@@ -300,31 +302,34 @@ def make_propagate_png(ctx, predictor, data: Path | None, out: Path, record: dic
     seg, sid = ensure_segmentation_sequence(ctx, cine, seg_node=seg, segment_name="UniUltra")
     frames = [frame_of(cine.sequence.GetNthDataNode(i)) for i in range(cine.num_frames)]
     gts = [expert_mask(data, "carotid", CINE_FRAMES[i], f) for i, f in enumerate(frames)]
-    current = [np.zeros(f.shape, bool) for f in frames]
-    propagate = make_propagate(predictor)
+    effect_propagate = make_propagate(predictor)
+    runs = (("boxes chained in place", lambda: engine_propagate(predictor, frames, {0: [CINE_BOX]},
+                                                                direction="forward", motion="none")),
+            ("follows motion (default)", lambda: effect_propagate(frames, {0: [CINE_BOX]}, direction="forward")))
+    shown = (0, 1, 2, 5, 9)
     rows, passes = [], []
-    for key, box, shown in ((0, CINE_BOX, (0, 1, 2, 9)), (CORRECTION_FRAME, CORRECTION_BOX, (0, 2, 5, 9))):
-        masks = propagate(frames, {key: [box]}, direction="forward")
-        for i, m in enumerate(masks):
-            if m is None:  # not reached by this pass: the frame keeps what it had
-                continue
-            current[i] = np.asarray(m, bool)
+    for title, run in runs:
+        masks = run()
+        current = [np.asarray(m, bool) if m is not None else np.zeros(f.shape, bool) for m, f in zip(masks, frames)]
+        for i, m in enumerate(current):
             cine.select(i)  # the proxy segmentation now stands for frame i; the browser saves edits into it
-            write_mask(seg, sid, cine.proxy, current[i])
+            write_mask(seg, sid, cine.proxy, m)
         dices = [None if gt is None else round(dice(m, gt), 3) for m, gt in zip(current, gts)]
         panels = []
         for i in shown:
             cine.select(i)
             image = view.render()
-            if i == key:
-                draw_box(image, view, ijk_to_ras_of(cine.proxy), box)
-            text = f"frame {i + 1}/{cine.num_frames}" + (" (box)" if i == key else "")
+            if i == 0:
+                draw_box(image, view, ijk_to_ras_of(cine.proxy), CINE_BOX)
+            text = f"frame {i + 1}/{cine.num_frames}" + (" (box)" if i == 0 else "")
             if dices[i] is not None:
                 text += f": Dice {dices[i]}"
+            if i == 0:
+                text = f"{title} | {text}"
             panels.append(label(image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS), text))
         rows.append(montage(panels))
         later = [d for d in dices[1:] if d is not None]
-        passes.append({"box_frame": key + 1, "box": list(box), "frames_shown": [i + 1 for i in shown],
+        passes.append({"propagation": title, "frames_shown": [i + 1 for i in shown],
                        "dice_vs_expert_per_frame": dices,
                        "mean_dice_frames_2_to_10": round(float(np.mean(later)), 3) if later else None})
     width = max(r.width for r in rows)
@@ -334,8 +339,8 @@ def make_propagate_png(ctx, predictor, data: Path | None, out: Path, record: dic
     sheet.save(out / "propagate.png", optimize=True)
     record["propagate.png"] = {
         "image": "UniUltraSegment/Resources/SampleData/CarotidCine.seq.nrrd (sample data; carotid, Momot 2022, CC BY 4.0)",
-        "model": MODEL, "engine": "box chaining, forward",
-        "top_row": passes[0], "bottom_row_after_correction": passes[1]}
+        "model": MODEL, "box_frame": 1, "box": list(CINE_BOX), "direction": "forward",
+        "top_row": passes[0], "bottom_row": passes[1]}
 
 
 def main(argv=None) -> int:

@@ -8,9 +8,11 @@ chain follows the wrong structure.  :func:`estimate_shift` finds where the patch
 previous mask went in the next frame (the image itself, so it works for every model), and
 propagation moves the chained box by that shift before prompting.
 
-The patch is the previous mask's box plus ``context`` of its size on each side (the surrounding
-tissue is what makes a dark vessel distinguishable from the next dark vessel); it is searched
-within ``search`` times the box's size around its old place.  Images are downsampled so that the
+The patch is the previous mask's box plus ``context`` of its size on each side (a little
+surrounding tissue tells a dark vessel from the next dark vessel); it is searched within
+``search`` times the box's size around its old place, also partly outside the image, so that a
+structure at the edge of the field of view is followed as it leaves it (compared on the part
+still inside: masked NCC).  Images are downsampled so that the
 patch is at most ``MAX_TEMPLATE`` pixels across (the shift places a prompt box, which the next
 mask re-derives anyway, so a pixel or two of precision is enough), and the correlation runs by
 FFT: about a millisecond per object and frame.
@@ -37,27 +39,37 @@ def _window_sums(a: np.ndarray, th: int, tw: int) -> np.ndarray:
     return c[th:, tw:] - c[:-th, tw:] - c[th:, :-tw] + c[:-th, :-tw]
 
 
-def _ncc_map(search: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """NCC of ``template`` at every valid position in ``search`` (both 2-D float64 arrays)."""
+def _masked_ncc(search: np.ndarray, valid: np.ndarray, template: np.ndarray,
+                min_overlap: float) -> np.ndarray:
+    """NCC of ``template`` at every position in ``search``, over the part of the template that
+    falls on ``valid`` search pixels (a window partly outside the image is compared on what is
+    inside); -1 where less than ``min_overlap`` of the template is valid or a side is flat."""
     from scipy.signal import correlate
 
     th, tw = template.shape
-    n = float(th * tw)
-    t = template - template.mean()
-    t = t / max(float(np.sqrt((t * t).sum())), 1e-6)
-    num = correlate(search, t, mode="valid", method="fft")
-    mu = _window_sums(search, th, tw) / n
-    mu2 = _window_sums(search * search, th, tw) / n
-    sd = np.sqrt(np.clip(mu2 - mu * mu, 0.0, None) * n)
-    # a flat search window has no defined NCC: score it 0 rather than divide by ~0
-    return np.where(sd > 1e-3, num / np.maximum(sd, 1e-3), 0.0)
+    s = search * valid
+    n = _window_sums(valid, th, tw)
+    s_i = _window_sums(s, th, tw)
+    s_ii = _window_sums(s * s, th, tw)
+    s_t = correlate(valid, template, mode="valid", method="fft")
+    s_tt = correlate(valid, template * template, mode="valid", method="fft")
+    s_it = correlate(s, template, mode="valid", method="fft")
+    nn = np.maximum(n, 1.0)
+    var_i = np.clip(s_ii - s_i * s_i / nn, 0.0, None)
+    var_t = np.clip(s_tt - s_t * s_t / nn, 0.0, None)
+    den = np.sqrt(var_i * var_t)
+    ok = (n >= min_overlap * th * tw - 1e-6) & (den > 1e-6 * nn)
+    return np.where(ok, (s_it - s_i * s_t / nn) / np.where(ok, den, 1.0), -1.0)
 
 
 def estimate_shift(prev: np.ndarray, cur: np.ndarray, box, context: float = 0.1,
-                   search: float = 1.0) -> tuple[int, int, float]:
+                   search: float = 2.0, min_overlap: float = 0.5) -> tuple[int, int, float]:
     """``(dx, dy, ncc)``: how far the patch around ``box`` (x0, y0, x1, y1, inclusive pixels) in
     grey image ``prev`` moved in grey image ``cur`` (same size), and the NCC there (-1..1).
-    Returns ``(0, 0, 0.0)`` when the patch has no texture to match."""
+
+    The patch may move partly out of the image (a structure at the edge that leaves the field of
+    view): positions where at least ``min_overlap`` of it is still inside are compared on that
+    part.  Returns ``(0, 0, 0.0)`` when the patch has no texture to match."""
     if prev.shape != cur.shape:
         raise ValueError(f"frames differ in size: {prev.shape} and {cur.shape}")
     h, w = prev.shape
@@ -65,30 +77,31 @@ def estimate_shift(prev: np.ndarray, cur: np.ndarray, box, context: float = 0.1,
     bw, bh = x1 - x0 + 1, y1 - y0 + 1
     tx0, ty0 = max(0, int(math.floor(x0 - context * bw))), max(0, int(math.floor(y0 - context * bh)))
     tx1, ty1 = min(w, int(math.ceil(x1 + 1 + context * bw))), min(h, int(math.ceil(y1 + 1 + context * bh)))
-    sx, sy = int(math.ceil(search * bw)), int(math.ceil(search * bh))
-    ox0, oy0 = max(0, tx0 - sx), max(0, ty0 - sy)
-    ox1, oy1 = min(w, tx1 + sx), min(h, ty1 + sy)
     f = max(1, int(math.ceil(max(tx1 - tx0, ty1 - ty0) / MAX_TEMPLATE)))
-    # downsample both crops on one grid anchored at the search window's corner
-    tx0, ty0 = ox0 + ((tx0 - ox0) // f) * f, oy0 + ((ty0 - oy0) // f) * f
-    tw, th = max(1, (tx1 - tx0) // f), max(1, (ty1 - ty0) // f)
-    sw, sh = (ox1 - ox0) // f, (oy1 - oy0) // f
-    if tw < 2 or th < 2 or sw < tw or sh < th:
+    tw, th = (tx1 - tx0) // f, (ty1 - ty0) // f  # the patch in cells of f x f pixels
+    if tw < 2 or th < 2:
         return 0, 0, 0.0
-
-    def crop(img, x, y, cw, ch):  # (ch, cw) pixels of side f, averaged
-        a = np.asarray(img[y:y + ch * f, x:x + cw * f], dtype=np.float64)
-        return a.reshape(ch, f, cw, f).mean((1, 3))
-
-    template = crop(prev, tx0, ty0, tw, th)
+    template = np.asarray(prev[ty0:ty0 + th * f, tx0:tx0 + tw * f], np.float64).reshape(th, f, tw, f).mean((1, 3))
     if float(template.std()) < 1e-3:
         return 0, 0, 0.0
-    ncc = _ncc_map(crop(cur, ox0, oy0, sw, sh), template)
+    # the search window, on the patch's grid, may reach outside the image: zeros there, not valid
+    sxc, syc = int(math.ceil(search * bw / f)), int(math.ceil(search * bh / f))
+    ox0, oy0 = tx0 - sxc * f, ty0 - syc * f
+    sw, sh = tw + 2 * sxc, th + 2 * syc
+    img = np.zeros((sh * f, sw * f))
+    inside = np.zeros((sh * f, sw * f))
+    ya, yb, xa, xb = max(0, oy0), min(h, oy0 + sh * f), max(0, ox0), min(w, ox0 + sw * f)
+    img[ya - oy0:yb - oy0, xa - ox0:xb - ox0] = cur[ya:yb, xa:xb]
+    inside[ya - oy0:yb - oy0, xa - ox0:xb - ox0] = 1.0
+    frac = inside.reshape(sh, f, sw, f).mean((1, 3))
+    valid = (frac > 0.5).astype(np.float64)
+    cells = img.reshape(sh, f, sw, f).sum((1, 3)) / np.maximum(frac * f * f, 1.0)
+    ncc = _masked_ncc(cells, valid, template, min_overlap)
     i = int(np.argmax(ncc))
     py, px = divmod(i, ncc.shape[1])
-    dx = ox0 + px * f - tx0
-    dy = oy0 + py * f - ty0
-    return int(dx), int(dy), float(ncc[py, px])
+    if ncc[py, px] <= -1.0:  # nothing comparable anywhere
+        return 0, 0, 0.0
+    return int((px - sxc) * f), int((py - syc) * f), float(ncc[py, px])
 
 
 def shift_box(box, dx: int, dy: int, hw: tuple[int, int]):
