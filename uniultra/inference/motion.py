@@ -10,9 +10,9 @@ propagation moves the chained box by that shift before prompting.
 
 The patch is the previous mask's box plus ``context`` of its size on each side (a little
 surrounding tissue tells a dark vessel from the next dark vessel); it is searched within
-``search`` times the box's size around its old place, also partly outside the image, so that a
-structure at the edge of the field of view is followed as it leaves it (compared on the part
-still inside: masked NCC).  Images are downsampled so that the
+``search`` times the box's size around its old place; where the patch touches the image's edge
+the search also goes past it, so that a structure at the edge of the field of view is followed
+as it leaves it (compared on the part still inside: masked NCC).  Images are downsampled so that the
 patch is at most ``MAX_TEMPLATE`` pixels across (the shift places a prompt box, which the next
 mask re-derives anyway, so a pixel or two of precision is enough), and the correlation runs by
 FFT: about a millisecond per object and frame.
@@ -67,9 +67,9 @@ def estimate_shift(prev: np.ndarray, cur: np.ndarray, box, context: float = 0.1,
     """``(dx, dy, ncc)``: how far the patch around ``box`` (x0, y0, x1, y1, inclusive pixels) in
     grey image ``prev`` moved in grey image ``cur`` (same size), and the NCC there (-1..1).
 
-    The patch may move partly out of the image (a structure at the edge that leaves the field of
-    view): positions where at least ``min_overlap`` of it is still inside are compared on that
-    part.  Returns ``(0, 0, 0.0)`` when the patch has no texture to match."""
+    A patch that touches an image edge may move partly out past that edge (a structure leaving
+    the field of view): positions where at least ``min_overlap`` of it is still inside are
+    compared on that part.  Returns ``(0, 0, 0.0)`` when the patch has no texture to match."""
     if prev.shape != cur.shape:
         raise ValueError(f"frames differ in size: {prev.shape} and {cur.shape}")
     h, w = prev.shape
@@ -84,10 +84,17 @@ def estimate_shift(prev: np.ndarray, cur: np.ndarray, box, context: float = 0.1,
     template = np.asarray(prev[ty0:ty0 + th * f, tx0:tx0 + tw * f], np.float64).reshape(th, f, tw, f).mean((1, 3))
     if float(template.std()) < 1e-3:
         return 0, 0, 0.0
-    # the search window, on the patch's grid, may reach outside the image: zeros there, not valid
+    # The search window, in cells on the patch's grid.  Beyond an image edge that the patch
+    # touches it reaches outside the image (zeros there, not valid): a structure at the edge may
+    # leave the field of view.  Elsewhere it stops at the image, so that partial overlaps, whose
+    # NCC over fewer pixels is noisier, never compete with whole ones inside.
     sxc, syc = int(math.ceil(search * bw / f)), int(math.ceil(search * bh / f))
-    ox0, oy0 = tx0 - sxc * f, ty0 - syc * f
-    sw, sh = tw + 2 * sxc, th + 2 * syc
+    left = sxc if tx0 == 0 else min(sxc, tx0 // f)
+    up = syc if ty0 == 0 else min(syc, ty0 // f)
+    right = sxc if tx1 == w else min(sxc, (w - tx0 - tw * f) // f)
+    down = syc if ty1 == h else min(syc, (h - ty0 - th * f) // f)
+    ox0, oy0 = tx0 - left * f, ty0 - up * f
+    sw, sh = tw + left + right, th + up + down
     img = np.zeros((sh * f, sw * f))
     inside = np.zeros((sh * f, sw * f))
     ya, yb, xa, xb = max(0, oy0), min(h, oy0 + sh * f), max(0, ox0), min(w, ox0 + sw * f)
@@ -101,7 +108,7 @@ def estimate_shift(prev: np.ndarray, cur: np.ndarray, box, context: float = 0.1,
     py, px = divmod(i, ncc.shape[1])
     if ncc[py, px] <= -1.0:  # nothing comparable anywhere
         return 0, 0, 0.0
-    return int((px - sxc) * f), int((py - syc) * f), float(ncc[py, px])
+    return int((px - left) * f), int((py - up) * f), float(ncc[py, px])
 
 
 def shift_box(box, dx: int, dy: int, hw: tuple[int, int]):
