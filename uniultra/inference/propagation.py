@@ -141,11 +141,12 @@ def propagate(
     place, as before.  Context 0.1 and search 2.0 were chosen on the 23 carotid train + val
     clips: from the expert masks, the estimate is within 0.3 box widths of the true centroid
     shift on 627 of 631 frame pairs (10 misses with search 1.0, 21 with context 0), where boxes
-    left in place would be that far off on 127; propagated with ``uniultra-mini-us6p`` from
-    10%-jittered first-frame boxes (seeds 0 and 1), frame / clip Dice 0.861 / 0.881 against
-    0.661 / 0.638 without motion (search 1.0: 0.866 / 0.858; context 0, 0.25, 0.5 and search 0.6,
-    1.5: 0.73-0.85; a distance penalty and a fallback to the unmoved box when the model scores
-    it higher did not help).  The sweep is noisy: one lost track costs a long clip many frames.
+    left in place would be that far off on 127.  Propagated with ``uniultra-mini-us6p`` from
+    10%-jittered first-frame boxes (seeds 0 and 1), frame / clip Dice 0.851 / 0.871 against
+    0.661 / 0.638 without motion (search 1.0: 0.828 / 0.817; in a sweep of the first version,
+    whose search stopped at the image's edges, context 0, 0.25, 0.5 and search 0.6, 1.5 gave
+    0.73-0.85, and neither a distance penalty nor a fallback to the unmoved box when the model
+    scored it higher helped).  The sweep is noisy: one lost track costs a long clip many frames.
 
     An object is lost when its mask is empty, or shrinks below ``min_area_ratio`` of the
     previous frame's area, or the model's score falls below ``min_score``.
