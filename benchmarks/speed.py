@@ -163,8 +163,8 @@ def main() -> int:
         f"| cine propagation ({a['frames']} carotid frames) | "
         + cells(lambda r: f"{r['cine_fps']:.1f} frames/s", "f", lambda r: r["cine_fps"] / a["cine_fps"]) + " |",
         "| the same without motion (`motion=\"none\"`) | "
-        + cells(lambda r: (f"{r['cine_fps_no_motion']:.1f} frames/s ({r['cine_fps_no_motion'] / r['cine_fps']:.2f}x)"
-                           if "cine_fps_no_motion" in r else "-"), "g") + " |",
+        + cells(lambda r: f"{r['cine_fps_no_motion']:.1f} frames/s ({r['cine_fps_no_motion'] / r['cine_fps']:.2f}x)",
+                "g") + " |",
     ]
     text = "\n".join(lines)
     print(text)

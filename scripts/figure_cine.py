@@ -15,17 +15,13 @@ import argparse
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage as ndi
 
 from uniultra.data import prompts as P
 from uniultra.data.datasets import UniformDataset, mask_instances, stable_seed
+from uniultra.data.io import render_overlay
 from uniultra.evaluation.metrics import dice
 from uniultra.inference import Predictor, propagate
-
-
-def _outline(img: np.ndarray, m: np.ndarray, colour) -> None:
-    e = m & ~ndi.binary_erosion(m, iterations=2)
-    img[e] = colour
+from uniultra.registry import DEFAULT_MODEL
 
 
 def main(argv=None) -> int:
@@ -34,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--clip", required=True)
     ap.add_argument("--frames", type=int, nargs="+", required=True, help="frame indices to show")
-    ap.add_argument("--model", default="uniultra-mini-us6p")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--motions", nargs="+", default=["none", "ncc"])
     ap.add_argument("--jitter", type=float, default=0.1)
     ap.add_argument("--out", required=True)
@@ -53,16 +49,12 @@ def main(argv=None) -> int:
         out = propagate(p, frames, {0: boxes}, motion=motion)
         tiles = []
         for k in a.frames:
-            im = np.asarray(frames[k])
-            im = np.stack([im] * 3, -1).copy() if im.ndim == 2 else im[..., :3].copy()
             pred = out[k] if out[k] is not None else np.zeros(hw, bool)
-            _outline(im, gts[k], (255, 0, 0))
-            _outline(im, pred, (0, 255, 0))
+            # contours only: the expert mask, then the propagated one with the key box (yellow)
+            im = render_overlay(frames[k], [gts[k]], alpha=0.0, colors=[(255, 0, 0)])
+            im = render_overlay(im, [pred], boxes if k == 0 else None, alpha=0.0, colors=[(0, 255, 0)])
             pim = Image.fromarray(im)
             d = ImageDraw.Draw(pim)
-            if k == 0:
-                for b in boxes:
-                    d.rectangle(tuple(int(v) for v in b), outline=(255, 255, 0))
             d.text((6, 6), f"motion={motion}  frame {k}  Dice {dice(pred, gts[k]):.2f}", fill=(255, 255, 255))
             tiles.append(np.asarray(pim))
         rows.append(np.concatenate(tiles, 1))
