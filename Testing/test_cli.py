@@ -221,3 +221,25 @@ def test_training_commands_when_their_import_fails(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", failing("uniultra.training.tasks"))
     with pytest.raises(ImportError, match="uniultra.training.tasks"):
         cli.build_parser()
+
+
+def test_evaluate_several_data_folders(capsys, ckpt, data_root, tmp_path):
+    """--data takes several folders (listed or repeated): each is scored, one merged result; before,
+    a repeated --data silently kept only the last folder."""
+    code, out, err = run(capsys, "evaluate", "--model", ckpt, "--data", data_root / "ddti", "--data",
+                         data_root / "busi", "--limit", 2, "--json", "--out-dir", tmp_path / "ev")
+    assert code == 0, err
+    assert set(json.loads(out)["datasets"]) == {"ddti", "busi"}
+    assert set(json.loads((tmp_path / "ev" / "summary.json").read_text())["datasets"]) == {"ddti", "busi"}
+    assert (tmp_path / "ev" / "ddti" / "per_image.csv").is_file() and (tmp_path / "ev" / "busi" / "per_image.csv").is_file()
+    # the same folder twice is scored once
+    code, out, err = run(capsys, "evaluate", "--model", ckpt, "--data", data_root / "ddti", data_root / "ddti",
+                         "--limit", 2, "--json")
+    assert code == 0, err
+    assert list(json.loads(out)["datasets"]) == ["ddti"]
+    # two different folders with one name would overwrite each other's results: refused
+    twin = tmp_path / "other" / "ddti"
+    twin.mkdir(parents=True)
+    (twin / "split.csv").write_text("id,split\n")
+    code, out, err = run(capsys, "evaluate", "--model", ckpt, "--data", data_root / "ddti", twin, "--limit", 2)
+    assert code == 2 and "two datasets are named 'ddti'" in err and len(err.strip().splitlines()) == 1

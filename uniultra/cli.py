@@ -91,10 +91,11 @@ def _row_box(row: dict, path: Path, line: int) -> tuple[float, float, float, flo
 
 
 def _safe_id(value: str, path: Path, line: int) -> str:
-    if (not value or "/" in value or "\\" in value or "\0" in value or value in (".", "..")
+    if (not value or "/" in value or "\\" in value or value in (".", "..")
+            or any(ord(c) < 32 or ord(c) == 127 for c in value)
             or len(value.encode("utf-8", "surrogateescape")) > 200):
         raise InputError(f"{path} line {line}: id {value[:60]!r} cannot be used as a file name "
-                         "(no / \\ or NUL, at most 200 bytes)")
+                         "(no / \\, NUL or other control characters such as a line break, at most 200 bytes)")
     return value
 
 
@@ -142,6 +143,23 @@ def _refuse_overwrite(out_dir: Path, names: Sequence[str], inputs: Sequence[Path
                              "choose another --out-dir")
 
 
+def _row_image(row: dict, path: Path, line: int) -> Path:
+    """The ``image`` cell of a CSV row as a path (relative ones from the CSV's folder)."""
+    if not row.get("image"):
+        raise InputError(f"{path} line {line}: the image column is empty; give the image file")
+    img = Path(row["image"])
+    return img if img.is_absolute() else path.parent / img
+
+
+def _refuse_with(args, used: str, ignored: Sequence[str]) -> None:
+    """Refuse options that ``used`` would silently ignore (e.g. --image next to --prompts)."""
+    given = [o for o in ignored
+             if (v := getattr(args, o.lstrip("-").replace("-", "_"), None)) is not None and v is not False and v != []]
+    if given:
+        raise InputError(f"{', '.join(given)} cannot be combined with {used}: leave {'it' if len(given) == 1 else 'them'} "
+                         f"out, or leave out {used.split()[0]}")
+
+
 def _checked_image(path, name: str):
     """The image at ``path``, refused (naming ``name``: the option or CSV line) when a model
     cannot take it: too small, NaN or infinite pixels, not 2D."""
@@ -174,6 +192,13 @@ def cmd_models(args) -> int:
 def cmd_info(args) -> int:
     from uniultra.models import build_model
 
+    from uniultra.models.architectures import check_image_size
+
+    if args.image_size is not None:
+        try:
+            check_image_size(args.image_size)
+        except ValueError as e:
+            raise InputError(f"--image-size {args.image_size}: {str(e).split(': ', 1)[-1]}") from None
     options = {}
     if args.lora_rank is not None:
         options["rank"] = args.lora_rank
@@ -217,14 +242,19 @@ def cmd_segment(args) -> int:
     from uniultra.data.io import overlay_png, write_mask_png
 
     if args.prompts:
+        _refuse_with(args, "--prompts CSV", ["--image", "--box", "--point", "--out", "--overlay"])
         return _segment_batch(args)
+    if args.out_dir:
+        raise InputError("--out-dir is for --prompts CSV; for one image give --out MASK.png")
     if not args.image or not args.out:
         raise InputError("give --image IMG --box X0 Y0 X1 Y1 --out MASK.png, or --prompts CSV --out-dir DIR")
     if not args.box and not args.point:
         raise InputError("no prompt: give --box X0 Y0 X1 Y1 and/or --point X Y 1|0")
     pts, labels = _parse_points(args.point)
+    _png_name(args.out, "--out")
     check_output_file(args.out, "--out", inputs=[args.image])
     if args.overlay:
+        _png_name(args.overlay, "--overlay")
         check_output_file(args.overlay, "--overlay", inputs=[args.image])
         if Path(args.overlay).resolve() == Path(args.out).resolve():
             raise InputError(f"--overlay {args.overlay}: is the same file as --out; give two names")
@@ -242,6 +272,14 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _png_name(path, option: str) -> None:
+    """The file is written as PNG: refuse a name that says otherwise (m.jpg, m.nrrd held PNG data)."""
+    if str(path) == "-":
+        raise InputError(f"{option} -: writing to standard output is not supported; give a file name ending in .png")
+    if Path(path).suffix.lower() != ".png":
+        raise InputError(f"{option} {path}: the file is written as PNG; give a name ending in .png")
+
+
 def _segment_batch(args) -> int:
     from uniultra.data.io import read_image, write_mask_png
     from uniultra.inference.predictor import check_box
@@ -257,8 +295,7 @@ def _segment_batch(args) -> int:
         oid = _safe_id(r["id"], csv_path, line)
         if oid in jobs:
             raise InputError(f"{csv_path} line {line}: id {oid!r} appears twice")
-        img = Path(r["image"])
-        img = img if img.is_absolute() else csv_path.parent / img
+        img = _row_image(r, csv_path, line)
         if img not in sizes:
             sizes[img] = _checked_image(img, f"{csv_path} line {line}: image").shape[:2]
         box = check_box(_row_box(r, csv_path, line), sizes[img], f"{csv_path} line {line}: box")
@@ -275,7 +312,7 @@ def _segment_batch(args) -> int:
     with _StagedDir(Path(args.out_dir)) as tmp:
         for img, ids in _progress(by_image.items(), total=len(by_image), desc="segment"):
             predictor.set_image(read_image(img))  # one embedding per image, many objects
-            pred = predictor.predict(boxes=[jobs[i][1] for i in ids])
+            pred = predictor.predict(boxes=[jobs[i][1] for i in ids], refine=args.refine)
             for oid, mask in zip(ids, pred.masks):
                 write_mask_png(tmp / f"{oid}.png", mask)
     print(f"{len(jobs)} masks written to {args.out_dir}")
@@ -289,6 +326,7 @@ def cmd_propagate(args) -> int:
 
     check_output_dir(args.out_dir, "--out-dir", inputs=[args.clip, args.frames, args.prompts])
     if args.clip:
+        _refuse_with(args, "--clip FILE", ["--frames", "--prompts"])
         if args.frame is None or not args.box:
             raise InputError("--clip needs --frame K and --box X0 Y0 X1 Y1")
         frames = [image_array(f, f"--clip {args.clip} frame {i}")
@@ -300,12 +338,13 @@ def cmd_propagate(args) -> int:
     else:
         if not args.frames or not args.prompts:
             raise InputError("give --frames FRAMES.csv --prompts PROMPTS.csv, or --clip FILE --frame K --box ...")
+        _refuse_with(args, "--frames CSV (its boxes are in --prompts)", ["--frame", "--box"])
         fpath, ppath = Path(args.frames), Path(args.prompts)
         frows = _read_csv(fpath, ["id", "image"])
         ids = [_safe_id(r["id"], fpath, i) for i, r in enumerate(frows, start=2)]
         if len(set(ids)) != len(ids):
             raise InputError(f"{fpath}: frame ids must be unique")
-        paths = [Path(r["image"]) if Path(r["image"]).is_absolute() else fpath.parent / r["image"] for r in frows]
+        paths = [_row_image(r, fpath, line) for line, r in enumerate(frows, start=2)]
         frames = [_checked_image(p, f"{fpath} line {line}: image")
                   for line, p in _progress(list(enumerate(paths, start=2)), desc="read frames")]
         index = {fid: i for i, fid in enumerate(ids)}
@@ -364,9 +403,19 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     from uniultra.data.datasets import find_datasets
 
-    find_datasets(args.data)  # a wrong --data fails before the model is loaded
+    # a wrong --data fails before the model is loaded
+    found = [d for root in args.data for d in find_datasets(root)]
+    seen: dict[str, Path] = {}
+    for d in found:
+        other = seen.setdefault(d.name, d)
+        if other.resolve() != d.resolve():
+            raise InputError(f"--data: two datasets are named {d.name!r} ({other} and {d}); results are keyed "
+                             "by folder name: evaluate them in separate runs or rename one")
+    if len(seen) < len(found):  # the same folder given twice (or inside a folder also given)
+        args.data = _unique_roots(args.data)
     if args.out_dir:
-        check_output_dir(args.out_dir, "--out-dir", inputs=[args.data])
+        check_output_dir(args.out_dir, "--out-dir", inputs=args.data)
+        _outside_data(Path(args.out_dir), found)
         with _StagedDir(Path(args.out_dir)) as tmp:  # per-image CSVs, overlays, summary: all or nothing
             res = _evaluate(args, tmp)
     else:
@@ -378,6 +427,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _unique_roots(roots: Sequence[str]) -> list[str]:
+    """The --data folders without repeats: a folder given twice, or a dataset folder that is also
+    found inside another --data folder, is evaluated once."""
+    from uniultra.data.datasets import find_datasets
+
+    out, taken = [], set()
+    for root in roots:
+        ds = {d.resolve() for d in find_datasets(root)}
+        if ds - taken:
+            out.append(root)
+            taken |= ds
+    return out
+
+
+def _outside_data(out_dir: Path, datasets: Sequence[Path]) -> None:
+    """Refuse an evaluation --out-dir that would write into a dataset folder: inside one, or
+    with <out-dir>/<name>/ being one (results must not mix with images, masks and split.csv)."""
+    out = out_dir.resolve()
+    for ds in datasets:
+        d = ds.resolve()
+        if out == d or d in out.parents or (out / ds.name) == d:
+            raise InputError(f"--out-dir {out_dir}: would write into the dataset folder {ds}; "
+                             "choose a folder outside the data")
+
+
 def _evaluate(args, out_dir) -> dict:
     from uniultra.evaluation.evaluate import evaluate_clips, evaluate_dataset
     from uniultra.inference import propagate
@@ -387,18 +461,26 @@ def _evaluate(args, out_dir) -> dict:
         from uniultra.models.embed_cache import attach
 
         attach(predictor.model, args.embed_cache)
-    if args.clips:
-        return evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb, motion=args.motion), args.data,
-                              split=args.split,
-                              jitter=args.jitter, seed=args.seed, out_dir=out_dir, limit=args.limit,
-                              progress=sys.stderr.isatty())
-
     def segment_fn(image, boxes, points, labels):
         predictor.set_image(image)
         return list(predictor.predict(boxes=boxes, points=points, labels=labels, refine=args.refine).masks)
 
-    return evaluate_dataset(segment_fn, args.data, split=args.split, jitter=args.jitter, prompt=args.prompt,
-                            seed=args.seed, out_dir=out_dir, limit=args.limit, progress=sys.stderr.isatty())
+    merged: dict = {}
+    for root in args.data:  # one result per --data folder, merged (dataset names are unique)
+        if args.clips:
+            res = evaluate_clips(lambda frames, kb: propagate(predictor, frames, kb, motion=args.motion), root,
+                                 split=args.split, jitter=args.jitter, seed=args.seed, out_dir=out_dir,
+                                 limit=args.limit, progress=sys.stderr.isatty())
+        else:
+            res = evaluate_dataset(segment_fn, root, split=args.split, jitter=args.jitter, prompt=args.prompt,
+                                   seed=args.seed, out_dir=out_dir, limit=args.limit, progress=sys.stderr.isatty())
+        datasets = {**merged.get("datasets", {}), **res["datasets"]}
+        merged = {**res, "datasets": datasets}
+    if out_dir is not None and len(args.data) > 1:  # each run wrote its own summary; the merged one wins
+        from uniultra.evaluation.evaluate import _write_json
+
+        _write_json(Path(out_dir) / ("clips_summary.json" if args.clips else "summary.json"), merged)
+    return merged
 
 
 def _print_eval(res: dict, clips: bool) -> None:
@@ -508,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95/mAP on a dataset next to the baselines")
-    p.add_argument("--data", required=True, help="a dataset folder (with split.csv) or a folder of them")
+    p.add_argument("--data", required=True, nargs="+", action="extend", metavar="DIR",
+                   help="dataset folder(s) (with split.csv) or folders of them; repeat or list several")
     p.add_argument("--split", default="test")
     p.add_argument("--jitter", type=NON_NEGATIVE, default=0.1, help="per-edge box jitter (fraction of box size)")
     p.add_argument("--prompt", default="box", choices=["box", "point", "box+points"])
