@@ -243,3 +243,18 @@ def test_evaluate_several_data_folders(capsys, ckpt, data_root, tmp_path):
     (twin / "split.csv").write_text("id,split\n")
     code, out, err = run(capsys, "evaluate", "--model", ckpt, "--data", data_root / "ddti", twin, "--limit", 2)
     assert code == 2 and "two datasets are named 'ddti'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_embed_cache_with_a_trained_encoder(capsys, ckpt, data_root, tmp_path):
+    """Evaluation trains nothing, so it caches the embeddings of any model, also one whose encoder
+    was trained (the CH-Adapter teacher of a GPU run was refused before): the same scores with
+    the cache, filled on the first run and read on the second."""
+    args = ["evaluate", "--model", ckpt, "--data", data_root / "ddti", "--limit", 2, "--json"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    ref = json.loads(out)["datasets"]["ddti"]["dice"]
+    for _ in range(2):
+        code, out, err = run(capsys, *args, "--embed-cache", tmp_path / "cache")
+        assert code == 0, err
+        assert json.loads(out)["datasets"]["ddti"]["dice"] == pytest.approx(ref, abs=1e-3)
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2  # one embedding per image

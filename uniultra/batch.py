@@ -993,7 +993,11 @@ def cmd_batch(args) -> int:
     if args.events == "-":
         events = sys.stdout
     elif args.events:
-        events = _LazyAppend(Path(args.events.replace("%a", str(shard[0]))))
+        from uniultra.checks import check_events_file
+
+        events_path = Path(args.events.replace("%a", str(shard[0])))
+        check_events_file(events_path, "--events", inputs=[args.manifest, args.prompts])
+        events = _LazyAppend(events_path)
 
     def on_term(signum, frame):
         raise Cancelled("terminated")

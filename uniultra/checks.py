@@ -144,11 +144,37 @@ def check_output_file(path, option: str, inputs: Iterable = ()) -> Path:
     _check_name(p, option, base)
     if p.is_dir():
         raise InputError(f"{option} {p}: is a folder; give a file name")
+    if os.path.exists(p) and not p.is_file():  # writing replaces it with a plain file (/dev/null, a pipe)
+        raise InputError(f"{option} {p}: is a device, pipe or socket, not a regular file; give a file name")
     for i in inputs:
         if i is not None and _same(p, Path(i)):
             raise InputError(f"{option} {p}: is also an input; choose another output name")
     if not os.access(base, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise InputError(f"{option} {p}: no permission to write in {base}; choose a folder you can write to")
+    return p
+
+
+def check_events_file(path, option: str = "--events", inputs: Iterable = ()) -> Path:
+    """An output file that is appended to (a JSON-lines event log): :func:`check_output_file`,
+    and an existing non-empty file must already be such a log (its first line a JSON object
+    with an "event"), so that a mistyped name never appends to a manifest, a CSV or a checkpoint."""
+    import json
+
+    p = check_output_file(path, option, inputs)
+    try:
+        if p.is_file() and p.stat().st_size:
+            with open(p, "rb") as f:
+                first = f.readline(1 << 16).decode("utf-8")
+            if first.startswith('{"event"') and not first.endswith("\n"):
+                return p  # another worker is writing its first event
+            ev = json.loads(first)
+            if not isinstance(ev, dict) or "event" not in ev:
+                raise ValueError(first)
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{option} {p}: exists and is not a JSON-lines event log (it would be appended to); "
+                         "choose a new file name") from None
+    except OSError:
+        pass  # unreadable: opening it for appending reports it
     return p
 
 

@@ -191,7 +191,6 @@ def cmd_models(args) -> int:
 
 def cmd_info(args) -> int:
     from uniultra.models import build_model
-
     from uniultra.models.architectures import check_image_size
 
     if args.image_size is not None:
@@ -460,6 +459,10 @@ def _evaluate(args, out_dir) -> dict:
     if args.embed_cache:
         from uniultra.models.embed_cache import attach
 
+        # nothing trains here, so any model's embeddings can be cached, also one whose encoder
+        # was trained (CH-Adapter, LoRA, full): its weights are fixed for this run, and the cache
+        # is keyed by them
+        predictor.model.requires_grad_(False)
         attach(predictor.model, args.embed_cache)
     def segment_fn(image, boxes, points, labels):
         predictor.set_image(image)

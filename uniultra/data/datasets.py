@@ -13,6 +13,7 @@ other), optionally dropping components smaller than ``min_area_frac`` of the ima
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import zlib
 from collections.abc import Sequence
@@ -117,11 +118,19 @@ class UniformDataset:
         self.split = split
         self.records: list[Record] = []
         self.split_names: set[str] = set()
+        seen: dict[str, int] = {}
         for line, row in _read_split_csv(csv_path):
             self.split_names.add(row.get("split", ""))
+            rid = row["id"]
+            if rid and rid in seen:  # the same image counted twice, or in two splits (train/test leakage)
+                raise InputError(f"{csv_path} line {line}: id '{rid}' appears twice (also line {seen[rid]}); "
+                                 "give each image one row")
+            seen.setdefault(rid, line)
+            if rid and ("/" in rid or "\\" in rid or rid in (".", "..") or "\0" in rid):
+                raise InputError(f"{csv_path} line {line}: id {rid[:60]!r} must be a file name in images/ "
+                                 "(no / or \\), without its extension")
             if splits is not None and row.get("split") not in splits:
                 continue
-            rid = row["id"]
             if not rid:
                 raise InputError(f"{csv_path} line {line}: empty id; give every row an id")
             img = self._find(self.root / "images", rid)
@@ -139,7 +148,10 @@ class UniformDataset:
                                      "(the frame's index in its clip)") from None
             self.records.append(Record(rid, img, msk, row.get("split", ""), clip, frame))
         meta = self.root / "meta.json"
-        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
+        try:
+            self.meta = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise InputError(f"{meta}: not valid JSON ({str(e).splitlines()[0][:80]}); fix or remove it") from None
         if max_images is not None:
             self.records = spread(self.records, max_images)
 
@@ -149,7 +161,7 @@ class UniformDataset:
         p = folder / f"{rid}.png"
         if p.is_file():
             return p
-        hits = sorted(folder.glob(f"{rid}.*"))
+        hits = sorted(folder.glob(f"{glob.escape(rid)}.*"))  # an id is a name, not a pattern ('*')
         return hits[0] if hits else None
 
     def __len__(self) -> int:

@@ -72,9 +72,14 @@ def canonical_arch(name: str) -> Arch:
     )
 
 
+MAX_IMAGE_SIZE = 4096  # 4x SAM2's 1024; far larger sizes only exhaust memory (100000 was OOM-killed)
+
+
 def check_image_size(image_size: int) -> int:
-    if int(image_size) != image_size or image_size < 64 or image_size % 32:
-        raise ValueError(f"image size {image_size} is not usable: give a multiple of 32 (at least 64), e.g. 1024")
+    if (int(image_size) != image_size or image_size < 64 or image_size % 32
+            or image_size > MAX_IMAGE_SIZE):
+        raise ValueError(f"image size {image_size} is not usable: give a multiple of 32 from 64 to "
+                         f"{MAX_IMAGE_SIZE}, e.g. 1024")
     return int(image_size)
 
 

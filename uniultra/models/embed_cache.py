@@ -114,8 +114,9 @@ def _rows(emb: dict, i: int) -> dict:
 
 def check_frozen(model) -> None:
     if any(p.requires_grad for p in model.sam.image_encoder.parameters()):
-        raise InputError("an embedding cache needs a frozen image encoder: use --peft decoder (or a frozen "
-                         "teacher), or leave out --embed-cache")
+        raise InputError(f"an embedding cache needs a frozen image encoder, and model {getattr(model, 'name', '')!r} "
+                         "trains its encoder: use a model trained with --peft decoder (or a frozen teacher), "
+                         "or leave out --embed-cache")
 
 
 def attach(model, folder, write: bool = True) -> EmbeddingCache:

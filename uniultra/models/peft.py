@@ -143,7 +143,12 @@ def _attach_adapter_hooks(attn: nn.Module | None, mlp: nn.Module, dim: int, redu
 
 def _adapter_encoder(trunk: Hiera, blocks: Iterable[int] | None, reduction: int) -> list[nn.Parameter]:
     n = len(trunk.blocks)
-    chosen = sorted({b % n for b in blocks}) if blocks is not None else sorted({0, 1, n - 2, n - 1})
+    if blocks is not None:
+        bad = [b for b in blocks if int(b) != b or not -n <= b < n]
+        if bad:  # b % n used to wrap 999 silently onto some block
+            raise ValueError(f"adapter blocks {bad}: the image encoder has {n} blocks; give indices "
+                             f"0..{n - 1} (or -{n}..-1 from the end)")
+    chosen = sorted({int(b) % n for b in blocks}) if blocks is not None else sorted({0, 1, n - 2, n - 1})
     params = []
     for i in chosen:
         blk = trunk.blocks[i]

@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 
+from uniultra.checks import arg_number
 from uniultra.errors import InputError
 
 BOOL = argparse.BooleanOptionalAction
@@ -226,11 +227,11 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="litemedsam", help="registry name or checkpoint (frozen encoder)")
     p.add_argument("--data", nargs="+", required=True, help="dataset folders (uniform layout)")
     p.add_argument("--split", nargs="+", default=["train", "val", "test"], help="splits to cache")
-    p.add_argument("--max-images", nargs="+", type=int, default=None, metavar="N",
+    p.add_argument("--max-images", nargs="+", type=arg_number(1, integer=True), default=None, metavar="N",
                    help="per dataset and split at most N images, evenly spread (one N per --split, or one for all)")
     p.add_argument("--cache", required=True, metavar="DIR", help="cache folder")
     p.add_argument("--onnx", action=BOOL, default=True, help="run the encoder through ONNX Runtime (faster on CPU)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=arg_number(1, integer=True), default=None)
     p.set_defaults(func=run_cache)
     return p
 
@@ -245,12 +246,19 @@ def run_cache(args) -> int:
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
+    from uniultra.checks import check_output_dir
+
+    check_output_dir(args.cache, "--cache", inputs=args.data)  # a file, under a file, not writable: before any work
     caps = args.max_images or [None]
     if len(caps) not in (1, len(args.split)):
         raise InputError(f"--max-images: give one number or one per --split ({len(args.split)})")
     caps = caps * len(args.split) if len(caps) == 1 else caps
     sets = [UniformDataset(root, split, max_images=cap) for split, cap in zip(args.split, caps) for root in args.data]
     total = sum(len(d) for d in sets)
+    if not total:  # nothing to cache is a mistake (a misspelt --split), not a finished run
+        known = sorted({s for d in sets for s in d.split_names if s})
+        raise InputError(f"--split {' '.join(args.split)}: no images in {'that split' if len(args.split) == 1 else 'those splits'} "
+                         f"of --data (splits there: {', '.join(known) or 'none'}); check --split")
     model = build_model(args.model, device="cpu")
 
     def images():

@@ -123,8 +123,8 @@ class RunConfig:
                 raise _bad(key, v, "give at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise _bad("lr", self.lr, "the learning rate must be positive (e.g. 1e-4)")
-        if self.image_size is not None and (self.image_size < 64 or self.image_size % 32):
-            raise _bad("image_size", self.image_size, "give a multiple of 32, at least 64 (e.g. 1024)")
+        if self.image_size is not None and (self.image_size < 64 or self.image_size % 32 or self.image_size > 4096):
+            raise _bad("image_size", self.image_size, "give a multiple of 32 from 64 to 4096 (e.g. 1024)")
         for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)):
             if getattr(self, key) not in allowed:
                 raise _bad(key, getattr(self, key), f"use one of {', '.join(allowed)}")
@@ -337,7 +337,12 @@ def load_config(cls, recipe: str | Path | None = None, options: dict | None = No
         values = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         where = f"{recipe}: " if recipe else ""
-        raise InputError(f"{where}{str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        unknown = re.match(r"Key '([^']+)' not in '\w+'", first)
+        if unknown:  # omegaconf's own words named the dataclass, not what to do
+            first = (f"unknown key '{unknown.group(1)}' (in the recipe or a key=value override); "
+                     "see docs/RECIPES.md for the keys")
+        raise InputError(f"{where}{first}") from None
     except yaml.YAMLError as e:
         from uniultra.training.recipe import _yaml_where
 

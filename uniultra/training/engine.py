@@ -422,11 +422,11 @@ class Trainer:
         created = self.rank == 0 and not self.out.exists()
         stale = []
         if self.rank == 0:
-            from uniultra.checks import check_output_dir, check_output_file
+            from uniultra.checks import check_events_file, check_output_dir
 
             check_output_dir(self.out, "--out")  # a file, under a file, not writable: before any folder is made
-            if cfg.events:
-                check_output_file(cfg.events, "--events")
+            if cfg.events:  # appended to: never a split.csv, a recipe or a checkpoint
+                check_events_file(cfg.events, "--events")
             self.saver.check_new_run(cfg)
             stale = self.saver.clean_stale()
             self.out.mkdir(parents=True, exist_ok=True)
