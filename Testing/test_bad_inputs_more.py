@@ -52,6 +52,8 @@ def work(tmp_path, ckpt, monkeypatch):
     (w / "fprompts.csv").write_text("id,x0,y0,x1,y1\nf0,5,5,30,30\n")
     (w / "manifest.csv").write_text("clip,frame,structure,x0,y0,x1,y1\nimg.png,0,obj,5,5,30,30\n")
     (w / "old.txt").write_text("my notes\n")
+    (w / "vol.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 4\nencoding: raw\n\n"
+                                 + bytes(range(256)))  # a 3D volume of 8 x 8 x 4
     os.mkfifo(w / "pipe.png")
     _dataset(w / "ds")
     _dataset(w / "dup", "id,split\na,test\na,test\nb,test\n")
@@ -75,6 +77,11 @@ CACHE = ["cache-embeddings", "--data", "{w}/ds", "--cache", "{w}/cache", "--mode
 CASES = [
     # the mask is PNG: a name that says otherwise held PNG data (m.jpg, m.nrrd), '-' made a file named '-'
     ("out-jpg", SEG + ["--out", "{w}/m.jpg"], "ending in .png"),
+    # the ONNX encoder under another name (e.txt) looked like something else
+    ("export-out-txt", ["export", "--model", "{m}", "--out", "{w}/e.txt"], "ending in .onnx"),
+    # a clip or volume given as one image: the message names the commands that take it
+    ("segment-volume", ["segment", "--image", "{w}/vol.nrrd", "--box", "1", "1", "5", "5", "--model", "{m}",
+                        "--out", "{w}/m.png"], "uniultra propagate --clip"),
     ("out-nrrd", SEG + ["--out", "{w}/m.nrrd"], "ending in .png"),
     ("out-dash", SEG + ["--out", "-"], "standard output"),
     ("overlay-tif", SEG + ["--out", "{w}/m.png", "--overlay", "{w}/o.tif"], "--overlay"),

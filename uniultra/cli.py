@@ -393,6 +393,9 @@ def cmd_export(args) -> int:
         raise InputError(f"--format {args.format}: only onnx is supported")
     model_file = args.model if Path(args.model).is_file() else None
     check_output_file(args.out, "--out", inputs=[model_file])
+    if Path(args.out).suffix.lower() != ".onnx":
+        raise InputError(f"--out {args.out}: the encoder is written as ONNX; give a name ending in .onnx "
+                         "(the decoder is written beside it as NAME.decoder.onnx)")
     check_output_file(decoder_path(Path(args.out)), "--out (decoder beside it)", inputs=[model_file])
     enc, dec = export_onnx(build_model(args.model), args.out)
     print(f"encoder: {enc}\ndecoder: {dec}")

@@ -327,8 +327,8 @@ def read_image(path) -> np.ndarray:
         a = _dicom_frames_array(p)
         if a.shape[0] != 1:
             raise InputError(
-                f"'{p}' is a multi-frame DICOM ({a.shape[0]} frames); open it as a sequence (read_frames) "
-                f"or pick one frame"
+                f"'{p}' is a multi-frame DICOM ({a.shape[0]} frames), not one image: give it to "
+                f"`uniultra propagate --clip` or `uniultra batch` (in Python: read_frames), or save one frame"
             )
         return a[0]
     if ext in PIL_EXT:
@@ -344,8 +344,8 @@ def read_image(path) -> np.ndarray:
             a = a[0]
         elif len(spatial) > 2:
             raise InputError(
-                f"'{p}' is a 3D volume of shape {tuple(spatial)}; open it as frames (read_frames) or "
-                f"pick one slice"
+                f"'{p}' is a 3D volume or clip of shape {tuple(spatial)}, not one image: give it to "
+                f"`uniultra propagate --clip` or `uniultra batch` (in Python: read_frames), or save one slice"
             )
         if a.ndim == 3 and a.shape[2] not in (1, 3):
             raise InputError(f"'{p}' has {a.shape[2]} components per pixel; use a grey or RGB image")
