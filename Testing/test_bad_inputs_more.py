@@ -77,6 +77,9 @@ CACHE = ["cache-embeddings", "--data", "{w}/ds", "--cache", "{w}/cache", "--mode
 CASES = [
     # the mask is PNG: a name that says otherwise held PNG data (m.jpg, m.nrrd), '-' made a file named '-'
     ("out-jpg", SEG + ["--out", "{w}/m.jpg"], "ending in .png"),
+    # an unknown option is reported by its sub-command, whose --help lists the right ones
+    ("train-unknown-option", TRAIN + ["--bogus"], "train: unrecognized arguments: --bogus (see `uniultra train --help`)"),
+    ("evaluate-unknown-option", EVAL + ["--data", "{w}/ds", "--bogus"], "see `uniultra evaluate --help`"),
     # the ONNX encoder under another name (e.txt) looked like something else
     ("export-out-txt", ["export", "--model", "{m}", "--out", "{w}/e.txt"], "ending in .onnx"),
     # a clip or volume given as one image: the message names the commands that take it

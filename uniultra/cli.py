@@ -515,6 +515,16 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*a, **kw)
         self._negative_number_matcher = NEGATIVE_NUMBER
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported by the sub-command it was given to
+        (``uniultra train: unrecognized arguments: --bogus (see `uniultra train --help`)``)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(ns, "command", None)
+            prog = f"{self.prog} {command}" if command and not self.prog.endswith(f" {command}") else self.prog
+            _Parser(prog=prog).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
     def error(self, message):
         where = self.prog.removeprefix("uniultra").strip()
         self.exit(EXIT_INPUT, f"uniultra: error: {where + ': ' if where else ''}{message} "
