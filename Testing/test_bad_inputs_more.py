@@ -77,6 +77,8 @@ CACHE = ["cache-embeddings", "--data", "{w}/ds", "--cache", "{w}/cache", "--mode
 CASES = [
     # the mask is PNG: a name that says otherwise held PNG data (m.jpg, m.nrrd), '-' made a file named '-'
     ("out-jpg", SEG + ["--out", "{w}/m.jpg"], "ending in .png"),
+    # a folder given as the recipe: say so (it said "file not found")
+    ("recipe-folder", ["recipe", "show", "{w}"], "is a folder; give a recipe file"),
     # an unknown option is reported by its sub-command, whose --help lists the right ones
     ("train-unknown-option", TRAIN + ["--bogus"], "train: unrecognized arguments: --bogus (see `uniultra train --help`)"),
     ("evaluate-unknown-option", EVAL + ["--data", "{w}/ds", "--bogus"], "see `uniultra evaluate --help`"),

@@ -54,6 +54,10 @@ def load(path: str | Path, overrides=()):
 
     _register_resolvers()
     p = Path(path).expanduser()
+    if p.is_dir():
+        found = sorted(q.name for q in p.glob("*.yaml"))[:4]
+        raise InputError(f"recipe {path}: is a folder; give a recipe file"
+                         + (f" in it ({', '.join(found)}...)" if found else ""))
     if not p.is_file():
         raise InputError(f"recipe {path}: file not found")
     try:
