@@ -77,6 +77,9 @@ CACHE = ["cache-embeddings", "--data", "{w}/ds", "--cache", "{w}/cache", "--mode
 CASES = [
     # the mask is PNG: a name that says otherwise held PNG data (m.jpg, m.nrrd), '-' made a file named '-'
     ("out-jpg", SEG + ["--out", "{w}/m.jpg"], "ending in .png"),
+    # a negative shard was taken for an option ("expected one argument"); now its own check answers
+    ("batch-shard-negative", ["batch", "{w}/manifest.csv", "--out-dir", "{w}/bout", "--shard", "-1/2"],
+     "--shard -1/2: expected K/N"),
     # a folder given as the recipe: say so (it said "file not found")
     ("recipe-folder", ["recipe", "show", "{w}"], "is a folder; give a recipe file"),
     # an unknown option is reported by its sub-command, whose --help lists the right ones

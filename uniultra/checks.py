@@ -19,7 +19,9 @@ from uniultra.errors import InputError
 
 # a number as a user types it, negative included: -1, -1.5, -.5, -1e1, -inf, -nan (argparse's own
 # pattern only knows -1 and -1.5, so `--box -1e1 ...` or `--anchor -inf` were taken for options)
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+# (and a negative fraction such as `--shard -1/2`, so that its own check names the mistake)
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$|^-\d+/\d+$",
+                             re.IGNORECASE)
 
 
 def number(value, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
