@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from cli_errors import assert_one_clean_line
 from PIL import Image
 
 from uniultra.cli import main
@@ -339,12 +340,7 @@ def test_bad_input_is_one_clean_line(capsys, work, argv, message, monkeypatch):
     argv = _expand(argv, work)
     before = _snapshot(work["w"])
     code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("uniultra: error: "), err
-    assert message in lines[0], err
+    assert_one_clean_line(code, capsys.readouterr().err, message)
     assert _snapshot(work["w"]) == before, "new files were left behind"
 
 

@@ -406,15 +406,20 @@ def cmd_evaluate(args) -> int:
     from uniultra.data.datasets import find_datasets
 
     # a wrong --data fails before the model is loaded
-    found = [d for root in args.data for d in find_datasets(root)]
-    seen: dict[str, Path] = {}
-    for d in found:
-        other = seen.setdefault(d.name, d)
-        if other.resolve() != d.resolve():
-            raise InputError(f"--data: two datasets are named {d.name!r} ({other} and {d}); results are keyed "
-                             "by folder name: evaluate them in separate runs or rename one")
-    if len(seen) < len(found):  # the same folder given twice (or inside a folder also given)
-        args.data = _unique_roots(args.data)
+    found, roots, named = [], [], {}
+    for root in args.data:
+        new = []
+        for d in find_datasets(root):
+            other = named.setdefault(d.name, d)
+            if other.resolve() != d.resolve():
+                raise InputError(f"--data: two datasets are named {d.name!r} ({other} and {d}); results are "
+                                 "keyed by folder name: evaluate them in separate runs or rename one")
+            if other is d:  # not given before (directly, or inside another --data folder)
+                new.append(d)
+        if new:
+            roots.append(root)
+            found += new
+    args.data = roots  # each dataset is evaluated once
     if args.out_dir:
         check_output_dir(args.out_dir, "--out-dir", inputs=args.data)
         _outside_data(Path(args.out_dir), found)
@@ -427,20 +432,6 @@ def cmd_evaluate(args) -> int:
     else:
         _print_eval(res, args.clips)
     return 0
-
-
-def _unique_roots(roots: Sequence[str]) -> list[str]:
-    """The --data folders without repeats: a folder given twice, or a dataset folder that is also
-    found inside another --data folder, is evaluated once."""
-    from uniultra.data.datasets import find_datasets
-
-    out, taken = [], set()
-    for root in roots:
-        ds = {d.resolve() for d in find_datasets(root)}
-        if ds - taken:
-            out.append(root)
-            taken |= ds
-    return out
 
 
 def _outside_data(out_dir: Path, datasets: Sequence[Path]) -> None:
@@ -522,13 +513,16 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             command = getattr(ns, "command", None)
             prog = f"{self.prog} {command}" if command and not self.prog.endswith(f" {command}") else self.prog
-            _Parser(prog=prog).error(f"unrecognized arguments: {' '.join(extras)}")
+            self._fail(prog, f"unrecognized arguments: {' '.join(extras)}")
         return ns
 
     def error(self, message):
-        where = self.prog.removeprefix("uniultra").strip()
+        self._fail(self.prog, message)
+
+    def _fail(self, prog: str, message: str):
+        where = prog.removeprefix("uniultra").strip()
         self.exit(EXIT_INPUT, f"uniultra: error: {where + ': ' if where else ''}{message} "
-                              f"(see `{self.prog} --help`)\n")
+                              f"(see `{prog} --help`)\n")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -125,7 +125,7 @@ class UniformDataset:
             if rid and rid in seen:  # the same image counted twice, or in two splits (train/test leakage)
                 raise InputError(f"{csv_path} line {line}: id '{rid}' appears twice (also line {seen[rid]}); "
                                  "give each image one row")
-            seen.setdefault(rid, line)
+            seen[rid] = line
             if rid and ("/" in rid or "\\" in rid or rid in (".", "..") or "\0" in rid):
                 raise InputError(f"{csv_path} line {line}: id {rid[:60]!r} must be a file name in images/ "
                                  "(no / or \\), without its extension")
