@@ -133,7 +133,7 @@ CASES = [
     ("box-neg-exp", SEG + ["--box", "-1e3", "-1e3", "-5e2", "-5e2", "--out", "{w}/m.png"], "outside"),
     ("box-three", SEG + ["--box", "5", "5", "30", "--out", "{w}/m.png"], "--box"),
     ("box-text", SEG + ["--box", "a", "5", "30", "30", "--out", "{w}/m.png"], "--box"),
-    ("box-empty", SEG + ["--box", "30", "5", "5", "30", "--out", "{w}/m.png"], "empty"),
+    ("box-empty", SEG + ["--box", "30", "5", "30", "30", "--out", "{w}/m.png"], "empty"),
     ("box-outside", SEG + ["--box", "500", "500", "600", "600", "--out", "{w}/m.png"], "outside"),
     ("point-nan", SEG + ["--point", "nan", "5", "1", "--out", "{w}/m.png"], "--point"),
     ("point-inf", SEG + ["--point", "5", "inf", "1", "--out", "{w}/m.png"], "--point"),

@@ -113,7 +113,7 @@ def test_three_manifest_forms_give_the_same_jobs(tmp_path, clips):
     ("a,clips/a.seq.nrrd,0,dis/c,5,10,28,30,\n", "line 2: structure 'dis/c'"),
     (",clips/c_*.png,0,disc,5,10,28,30,\n", "line 2: clip 'clips/c_*.png' is a glob"),
     ("a,clips/a.seq.nrrd,-1,disc,5,10,28,30,\n", "line 2: frame -1"),
-    ("a,clips/a.seq.nrrd,0,disc,28,10,5,30,\n", "line 2: box (28, 10, 5, 30) is empty"),
+    ("a,clips/a.seq.nrrd,0,disc,28,10,28,30,\n", "line 2: box (28, 10, 28, 30) is empty"),
     ("a,clips/a.seq.nrrd,0,disc,,,,,\n", "line 2: no prompt"),
     ("a,clips/a.seq.nrrd,0,disc,5,10,28,30,1 2 7\n", "line 2: point label '7'"),
 ])

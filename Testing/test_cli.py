@@ -51,7 +51,7 @@ def test_segment_batch(capsys, ckpt, image, tmp_path):
 
 @pytest.mark.parametrize("rows, message", [
     ("a,img.png,5,5,40,30\nb,missing.png,1,1,5,5\n", "missing.png"),
-    ("a,img.png,40,5,5,30\n", "empty: x1"),
+    ("a,img.png,40,5,40,30\n", "is empty: it has zero width"),
     ("a,img.png,500,500,600,600\n", "outside"),
     ("a,img.png,x,5,40,30\n", "four numbers"),
     ("a,img.png,5,5,40,30\na,img.png,5,5,40,30\n", "twice"),
@@ -67,7 +67,7 @@ def test_segment_batch_bad_rows_write_nothing(capsys, ckpt, image, tmp_path, row
 
 @pytest.mark.parametrize("argv, message", [
     (["--image", "nope.png", "--box", 1, 1, 5, 5], "nope.png"),
-    (["--image", "{img}", "--box", 30, 5, 10, 20], "empty"),
+    (["--image", "{img}", "--box", 30, 5, 30, 20], "empty"),
     (["--image", "{img}", "--point", 500, 5, 1], "outside"),
     (["--image", "{img}", "--point", 5, 5, 7], "label"),
     (["--image", "{img}"], "no prompt"),

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uniultra.checks import arg_number, number
+from uniultra.checks import arg_number, box_corners, number
 from uniultra.errors import Cancelled, InputError
 from uniultra.events import LazyAppend as _LazyAppend  # the engine's one JSON-lines event module
 from uniultra.events import emit_event, jsonable
@@ -116,10 +116,7 @@ def _parse_box(raw, where: str):
         return None
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
         raise InputError(f"{where}: box {raw!r} must be four numbers x0 y0 x1 y1")
-    box = tuple(_number(v, "box value", where) for v in raw)
-    if box[2] < box[0] or box[3] < box[1]:
-        raise InputError(f"{where}: box ({', '.join(f'{v:g}' for v in box)}) is empty (x1 < x0 or y1 < y0)")
-    return box
+    return box_corners([_number(v, "box value", where) for v in raw], f"{where}: box")
 
 
 def _parse_points(raw, where: str) -> list[tuple[float, float, int]]:

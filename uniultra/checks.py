@@ -55,6 +55,19 @@ def numbers(values: Iterable, name: str, **limits) -> list[float]:
     return [float(v) for v in vals]
 
 
+def box_corners(values, name: str) -> tuple[float, float, float, float]:
+    """A box as a user gives it (``name``: "--box", "x.csv line 3: box"): four finite numbers,
+    two opposite corners in either order (returned with x0 <= x1, y0 <= y1); a box of zero width
+    or height is refused (it holds no object: the model answers it with an empty mask)."""
+    x0, y0, x1, y1 = numbers(values, name)
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    if x0 == x1 or y0 == y1:
+        raise InputError(f"{name} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: it has zero "
+                         f"{'width' if x0 == x1 else 'height'}; give two opposite corners of a box around the object")
+    return x0, y0, x1, y1
+
+
 def arg_number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
                integer: bool = False):
     """An argparse ``type=``: a finite number in range (the option is named by argparse)."""

@@ -19,6 +19,7 @@ from uniultra.checks import (
     NEGATIVE_NUMBER,
     StagedFiles,
     arg_number,
+    box_corners,
     check_output_dir,
     check_output_file,
     describe_os_error,
@@ -87,7 +88,7 @@ def _row_box(row: dict, path: Path, line: int) -> tuple[float, float, float, flo
         except (TypeError, ValueError):
             raise InputError(f"{path} line {line}: box {vals} must be four numbers") from None
         out.append(number(v, f"{path} line {line}: {k}"))
-    return tuple(out)  # type: ignore[return-value]
+    return box_corners(out, f"{path} line {line}: box")
 
 
 def _safe_id(value: str, path: Path, line: int) -> str:
@@ -239,6 +240,7 @@ def _parse_points(raw: list[list[str]] | None) -> tuple[list, list]:
 
 def cmd_segment(args) -> int:
     from uniultra.data.io import overlay_png, write_mask_png
+    from uniultra.inference.predictor import check_box
 
     if args.prompts:
         _refuse_with(args, "--prompts CSV", ["--image", "--box", "--point", "--out", "--overlay"])
@@ -258,13 +260,15 @@ def cmd_segment(args) -> int:
         if Path(args.overlay).resolve() == Path(args.out).resolve():
             raise InputError(f"--overlay {args.overlay}: is the same file as --out; give two names")
     image = _checked_image(args.image, "--image")
+    # corners in either order, clipped to the image; an empty box or one outside it is refused before the model
+    boxes = [check_box(box_corners(b, "--box"), image.shape[:2], "--box") for b in args.box or []]
     predictor = _load_predictor(args)
     predictor.set_image(image)
-    pred = predictor.predict(boxes=args.box or None, points=pts or None, labels=labels or None,
+    pred = predictor.predict(boxes=boxes or None, points=pts or None, labels=labels or None,
                              refine=args.refine)
     with StagedFiles() as staged:  # mask and overlay: both or neither
         if args.overlay:
-            overlay_png(staged.path(args.overlay), image, list(pred.masks), boxes=args.box, points=pts or None,
+            overlay_png(staged.path(args.overlay), image, list(pred.masks), boxes=boxes, points=pts or None,
                         labels=labels or None)
         write_mask_png(staged.path(args.out), pred.mask)
     print(f"{args.out}: {int(pred.mask.sum())} pixels, score {', '.join(f'{s:.3f}' for s in pred.scores)}")
@@ -333,7 +337,7 @@ def cmd_propagate(args) -> int:
         ids = [f"frame_{i:04d}" for i in range(len(frames))]
         if not (0 <= args.frame < len(frames)):
             raise InputError(f"--frame {args.frame} is outside the clip {args.clip} (frames 0..{len(frames) - 1})")
-        key_boxes = {args.frame: args.box}
+        key_boxes = {args.frame: [box_corners(b, "--box") for b in args.box]}
     else:
         if not args.frames or not args.prompts:
             raise InputError("give --frames FRAMES.csv --prompts PROMPTS.csv, or --clip FILE --frame K --box ...")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from uniultra.checks import readable_file
 from uniultra.data.dicom import read_dicom_cine
@@ -66,26 +66,41 @@ def _is_dicom(p: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # PIL
-def _read_pil(p: Path) -> np.ndarray:
+def _read_pil(p: Path, pages: bool = False):
+    """One image (``pages``: every page of a multi-page TIFF/GIF, as a list), turned upright as its
+    EXIF orientation says (as viewers show it, so that boxes drawn on it and masks line up)."""
     try:
         with Image.open(p) as im:
-            im.load()
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            elif mode == "1":
-                im = im.convert("L")
-            elif mode == "LA":
-                im = im.getchannel(0)
-            elif mode == "PA":
-                im = im.convert("RGB")
-            a = np.array(im)
+            n = getattr(im, "n_frames", 1)
+            if n > 1 and not pages:
+                raise InputError(
+                    f"'{p}' is a multi-page file ({n} pages), not one image: give it to `uniultra propagate "
+                    f"--clip` or `uniultra batch` (in Python: read_frames), or save one page"
+                )
+            out = []
+            for k in range(n):
+                im.seek(k)
+                out.append(_pil_array(ImageOps.exif_transpose(im)))
     except InputError:
         raise
     except Exception as e:  # PIL raises many types
         raise InputError(f"cannot read image '{p}': {type(e).__name__}: {e}; is it a valid image file?") from e
+    return out if pages else out[0]
+
+
+def _pil_array(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode == "LA":
+        im = im.getchannel(0)
+    elif mode == "PA":
+        im = im.convert("RGB")
+    a = np.array(im)
     if a.ndim == 3 and a.shape[2] == 4:
         a = a[:, :, :3]
     return np.ascontiguousarray(a)
@@ -340,8 +355,8 @@ def read_image(path) -> np.ndarray:
             spatial = a.shape[:-1]
         else:
             spatial = a.shape
-        if len(spatial) == 3 and spatial[0] == 1:
-            a = a[0]
+        if len(spatial) == 3 and 1 in spatial:  # one slice stored as a volume: (1, H, W), (H, 1, W), (H, W, 1)
+            a = a.squeeze(axis=spatial.index(1))
         elif len(spatial) > 2:
             raise InputError(
                 f"'{p}' is a 3D volume or clip of shape {tuple(spatial)}, not one image: give it to "
@@ -369,7 +384,7 @@ def read_frames(path, axis: int = 0) -> list[np.ndarray]:
         a = _dicom_frames_array(p)
         return [np.ascontiguousarray(f) for f in a]
     if ext in PIL_EXT:
-        return [_read_pil(p)]
+        return _read_pil(p, pages=True)
     if ext in (".nrrd", ".seq.nrrd", ".nhdr"):
         try:
             frames = _frames_from_nrrd(p, axis)
@@ -394,7 +409,11 @@ def read_frames(path, axis: int = 0) -> list[np.ndarray]:
         else:
             if not -3 <= axis < 3:
                 raise InputError(f"slice axis {axis} is invalid for '{p}'; use 0, 1 or 2")
-            frames = [np.take(a, i, axis=axis) for i in range(a.shape[axis])]
+            flat = [d for d in range(3) if a.shape[d] == 1 and d != axis % 3]
+            if flat and a.shape[axis] > 1:  # one slice stored as a volume, e.g. (H, 1, W): slicing
+                frames = [a.squeeze(axis=flat[0])]  # along `axis` would give 1-pixel-thin frames
+            else:
+                frames = [np.take(a, i, axis=axis) for i in range(a.shape[axis])]
         if comp:
             frames = [f[..., :3] if f.shape[-1] == 4 else f for f in frames]
         return [np.ascontiguousarray(f) for f in frames]
@@ -463,8 +482,13 @@ def overlay_png(path, image: np.ndarray, masks, boxes=None, points=None, labels=
 
 
 def read_mask(path) -> np.ndarray:
-    """Read a label/mask image -> integer ``(H, W)`` array (RGB masks: any non-zero channel -> 255)."""
+    """Read a label/mask image -> integer ``(H, W)`` array (RGB masks: any non-zero channel -> 255).
+    A JPEG mask is lossy (its edges and background hold values that are no label): it is read as
+    one label, 255 where it is at least half its maximum."""
     a = read_image(path)
+    lossy = _ext(Path(path)) in (".jpg", ".jpeg")
     if a.ndim == 3:
-        a = np.where(a.max(axis=2) > 0, 255, 0).astype(np.uint8)
+        a = a.max(axis=2) if lossy else np.where(a.max(axis=2) > 0, 255, 0).astype(np.uint8)
+    if lossy:
+        a = np.where((a.astype(np.float64) * 2 >= a.max()) & (a > 0), 255, 0).astype(np.uint8)
     return a

@@ -35,20 +35,22 @@ def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def check_box(box, hw: tuple[int, int], name: str = "box") -> tuple[int, int, int, int]:
-    """Validate an inclusive pixel box; a box that reaches past the border is clipped to it."""
+    """Validate an inclusive pixel box, corners in either order; a box that reaches past the border
+    is clipped to it, one wholly outside refused."""
     try:
         x0, y0, x1, y1 = (float(v) for v in box)
     except (TypeError, ValueError):
         raise InputError(f"{name} {box!r} must be four numbers x0 y0 x1 y1") from None
     h, w = hw
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
     shown = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
-    if x1 < x0:
-        raise InputError(f"{name} {shown} is empty: x1 must not be less than x0")
-    if y1 < y0:
-        raise InputError(f"{name} {shown} is empty: y1 must not be less than y0")
+    if not np.isfinite([x0, y0, x1, y1]).all():
+        raise InputError(f"{name} {shown}: give finite numbers (not NaN or infinity)")
+    x0, y0, x1, y1 = (int(round(v)) for v in (x0, y0, x1, y1))  # pixels: 127.4 is in the last of 128
     if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
         raise InputError(f"{name} {shown} lies outside the {w}x{h} image: coordinates are pixels, x right, y down")
-    return (int(round(max(x0, 0))), int(round(max(y0, 0))), int(round(min(x1, w - 1))), int(round(min(y1, h - 1))))
+    return max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)
 
 
 def check_points(points, labels, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
