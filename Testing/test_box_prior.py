@@ -4,7 +4,9 @@ the model's ``box_prior``, added to the decoder's logits wherever the model is u
 Checked here: the prior is the evaluation's ellipse baseline (a prior that dominates gives that
 baseline's mask through the Predictor, on a non-square image); it is added to box rows only and
 exactly; it travels with the checkpoint; the ONNX decoder applies it too; training with
-``--box-prior`` stores it and resume refuses another weight; bad weights get one-line errors."""
+``--box-prior`` stores it and resume refuses another weight; bad weights get one-line errors.
+A second weight for round boxes (``--box-prior W,R``) ramps from R at 2:1 to W at 3:1, in the
+PyTorch decoder, the ONNX decoder, checkpoints, training and ``uniultra info``."""
 
 from __future__ import annotations
 
@@ -17,7 +19,14 @@ from uniultra.errors import InputError
 from uniultra.evaluation.metrics import baseline_mask, dice
 from uniultra.inference import Predictor
 from uniultra.models import build_model, save_checkpoint
-from uniultra.models.prior import box_from_points, check_weight, ellipse_prior
+from uniultra.models.prior import (
+    box_from_points,
+    box_weights,
+    check_weight,
+    ellipse_prior,
+    parse_prior,
+    prior_spec,
+)
 from uniultra.training.trainer import TrainConfig, train
 
 SIZE = 64
@@ -87,13 +96,65 @@ def test_checkpoint_keeps_the_prior(model, tmp_path):
         build_model(str(tmp_path / "bad.pt"))
 
 
+def test_round_boxes_get_the_round_weight_long_ones_the_plain_one(model):
+    # aspect 1, 2 (either way round), 2.5, 3 and 10 in model space
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 40.0, 20.0], [5.0, 5.0, 25.0, 45.0],
+                          [0.0, 0.0, 50.0, 20.0], [0.0, 0.0, 60.0, 20.0], [0.0, 0.0, 60.0, 6.0]])
+    assert box_weights(boxes, 8.0, 16.0).tolist() == pytest.approx([16, 16, 16, 12, 8, 8])
+    assert box_weights(boxes, 8.0, 8.0).tolist() == pytest.approx([8] * 6)
+    emb = model.encode(torch.randn(1, 3, SIZE, SIZE))
+    two = torch.tensor([[4.0, 8.0, 40.0, 30.0], [2.0, 20.0, 62.0, 30.0]])  # 1.6:1 and 6:1
+    with torch.no_grad():
+        base, _ = model.decode(emb, two)
+        model.box_prior, model.box_prior_round = 3.0, 5.0
+        try:
+            withp, _ = model.decode(emb, two)
+            half, _ = model.decode(emb, two, prior_scale=0.5)
+        finally:
+            model.box_prior, model.box_prior_round = 0.0, None
+    prior = ellipse_prior(two, base.shape[-2:], SIZE)
+    assert torch.allclose(withp[0] - base[0], 5.0 * prior[0], atol=1e-5)
+    assert torch.allclose(withp[1] - base[1], 3.0 * prior[1], atol=1e-5)
+    assert torch.allclose(half - base, (withp - base) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, want", [(8, (8.0, None)), ("8", (8.0, None)), ("8,16", (8.0, 16.0)),
+                                        (" 8 , 16 ", (8.0, 16.0)), ([8, 0], (8.0, 0.0)), ("0", (0.0, None))])
+def test_prior_specs_parse(spec, want):
+    assert parse_prior(spec) == want
+
+
+@pytest.mark.parametrize("bad", ["8,16,3", "8,", "a,b", "8,-1", "", [], "8;16"])
+def test_bad_prior_specs_are_refused(bad):
+    with pytest.raises(InputError, match="--box-prior"):
+        parse_prior(bad)
+
+
+def test_round_weight_travels_with_the_checkpoint_and_info(model, tmp_path, capsys):
+    from uniultra.cli import main
+
+    model.box_prior, model.box_prior_round = 8.0, 16.0
+    try:
+        save_checkpoint(model, tmp_path / "r.pt")
+    finally:
+        model.box_prior, model.box_prior_round = 0.0, None
+    m = build_model(str(tmp_path / "r.pt"))
+    assert (m.box_prior, m.box_prior_round, prior_spec(m)) == (8.0, 16.0, "8,16")
+    assert main(["info", str(tmp_path / "r.pt")]) == 0
+    assert "16 for boxes up to 2:1, ramping to 8 at 3:1" in capsys.readouterr().out
+    save_checkpoint(model, tmp_path / "plain.pt")
+    assert build_model(str(tmp_path / "plain.pt")).box_prior_round is None
+    assert main(["info", str(tmp_path / "plain.pt")]) == 0
+    assert "box prior" not in capsys.readouterr().out
+
+
 def test_onnx_decoder_applies_the_prior(tmp_path, data_root):
     from uniultra.data.io import read_image
     from uniultra.inference.onnx_export import PARITY_TOLERANCE, OnnxPredictor, export_onnx
 
     torch.manual_seed(0)
     m = build_model("uniultra-student-e8", image_size=128).eval()
-    m.box_prior = 4.0
+    m.box_prior, m.box_prior_round = 4.0, 9.0  # the round weight too: the boxes below are 1.4:1 and 3.9:1
     image = read_image(data_root / "busi" / "images" / "benign_001.png")
     enc, _ = export_onnx(m, tmp_path / "m.onnx")
     o = OnnxPredictor(enc, 128)
@@ -101,7 +162,7 @@ def test_onnx_decoder_applies_the_prior(tmp_path, data_root):
     p = Predictor(m, "cpu")
     p.set_image(image)
     for kw in ({"box": (118, 58, 272, 171)}, {"box": (118, 58, 272, 171), "points": [(190, 110)], "labels": [0]},
-               {"points": [(190, 110)], "labels": [1]}):
+               {"points": [(190, 110)], "labels": [1]}, {"box": (40, 100, 300, 160)}):
         logits, _ = o.predict_logits(**kw)
         ref = p.predict(boxes=[kw["box"]] if "box" in kw else None, points=kw.get("points"), labels=kw.get("labels"))
         assert np.abs(logits - ref.low_res_logits.numpy()).max() < PARITY_TOLERANCE
@@ -143,6 +204,9 @@ def test_training_stores_the_prior_and_resume_refuses_another(tmp_path):
     # trained on from that model without --box-prior: the model's own prior is kept
     r2 = train(TrainConfig(**{**base, "out": str(tmp_path / "run2"), "model": r["model"], "peft": None}), progress=False)
     assert build_model(r2["model"]).box_prior == 6.0
+    r3 = train(TrainConfig(**{**base, "out": str(tmp_path / "run3"), "model": r["model"], "peft": None},
+                           box_prior="6,12"), progress=False)
+    assert prior_spec(build_model(r3["model"])) == "6,12"
     with pytest.raises(InputError, match="box_prior"):
         train(TrainConfig(**{**base, "steps": 6}, box_prior=2.0, resume=True), progress=False)
 

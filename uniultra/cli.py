@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 from uniultra.checks import (
     NEGATIVE_NUMBER,
@@ -52,9 +53,9 @@ def _load_predictor(args):
 
     model = build_model(args.model)
     if getattr(args, "box_prior", None) is not None:  # try the box-shape prior on any model
-        from uniultra.models.prior import check_weight
+        from uniultra.models.prior import set_prior
 
-        model.box_prior = check_weight(args.box_prior)
+        set_prior(model, args.box_prior)
     return Predictor(model, args.device, tta=getattr(args, "tta", False))
 
 
@@ -209,6 +210,7 @@ def cmd_info(args) -> int:
         raise InputError(str(e)) from None
     r = model.param_report()
     r["encoder_gflops"] = round(model.encoder_gflops(), 3)
+    r["box_prior"] = _saved_prior(args.model)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -219,7 +221,31 @@ def cmd_info(args) -> int:
     print(f"updated         {r['updated_params'] / 1e6:.2f}M ({r['updated_share']:.2f}%)"
           "  [receive gradients in single-image training]")
     print(f"image encoder   {r['encoder_params'] / 1e6:.2f}M parameters, {r['encoder_gflops']:.1f} GFLOPs")
+    if r["box_prior"] not in (None, "0"):
+        w, _, rw = r["box_prior"].partition(",")
+        print(f"box prior       {w} x the ellipse inscribed in each box"
+              + (f"; {rw} for boxes up to 2:1, ramping to {w} at 3:1" if rw else ""))
     return 0
+
+
+def _saved_prior(name: str) -> str | None:
+    """The box-shape prior (``--box-prior`` form) saved in a UniUltra checkpoint; None when the
+    model's weights are not a UniUltra checkpoint here (an architecture, a wheel, Meta's file)."""
+    from uniultra.models import resolve_model
+    from uniultra.models.checkpoint import read_checkpoint
+    from uniultra.models.prior import parse_prior, prior_spec
+
+    try:
+        entry, path = resolve_model(name)
+    except (InputError, ValueError):
+        return None
+    if path is None or not path.is_file() or (entry is not None and entry.source != "bundled"
+                                              and path.stat().st_size > 200 << 20):
+        return None
+    info = read_checkpoint(path, entry.sha256 if entry is not None else None).get("uniultra") or {}
+    saved = [info.get("box_prior", 0.0)] + ([info["box_prior_round"]] if info.get("box_prior_round") is not None else [])
+    w, r = parse_prior(saved, f"checkpoint {path}: box_prior")
+    return prior_spec(SimpleNamespace(box_prior=w, box_prior_round=r))
 
 
 def _parse_points(raw: list[list[str]] | None) -> tuple[list, list]:
@@ -537,9 +563,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _tta_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average with the mirrored image (about 2x slower, slightly better)")
-    p.add_argument("--box-prior", dest="box_prior", type=float, metavar="W",
-                   help="box-shape prior weight to use instead of the model's own (W x the ellipse inscribed in "
-                        "each box, added to the logits; 0 = none; see uniultra/models/prior.py)")
+    p.add_argument("--box-prior", dest="box_prior", metavar="W[,R]",
+                   help="box-shape prior to use instead of the model's own: W x the ellipse inscribed in each box, "
+                        "added to the logits (0 = none); with R, boxes up to 2:1 get R instead, ramping to W at 3:1 "
+                        "(see uniultra/models/prior.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

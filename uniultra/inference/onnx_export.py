@@ -68,12 +68,13 @@ class _Decoder(nn.Module):
 
 def _with_prior(model, logits, point_coords, point_labels):
     """The model's box-shape prior, for the box given as corner points (labels 2 and 3)."""
-    if not getattr(model, "box_prior", 0.0):
-        return logits
-    from uniultra.models.prior import add_box_prior, box_from_points
+    from uniultra.models.prior import add_box_prior, box_from_points, has_prior
 
+    if not has_prior(model):
+        return logits
     boxes, has_box = box_from_points(point_coords, point_labels)
-    return add_box_prior(logits, boxes, model.box_prior, model.image_size, has_box)
+    return add_box_prior(logits, boxes, model.box_prior, model.image_size, has_box,
+                         round_weight=getattr(model, "box_prior_round", None))
 
 
 def decoder_path(out: str | Path) -> Path:

@@ -26,6 +26,7 @@ from uniultra.data.prompts import mask_box
 from uniultra.errors import Cancelled, InputError
 from uniultra.inference.motion import estimate_shift, shift_box, to_gray
 from uniultra.inference.predictor import Predictor, check_box, check_image
+from uniultra.models.prior import has_prior
 
 Box = tuple[int, int, int, int]
 ProgressFn = Callable[[int, int], None]
@@ -158,8 +159,8 @@ def propagate(
     n = len(frames)
     out: list[np.ndarray | None] = [None] * n
     plan = _order(n, list(key_boxes), direction)
-    has_prior = getattr(getattr(predictor, "model", None), "box_prior", 0.0)
-    chain_kw = {"prior_scale": chain_prior} if has_prior and chain_prior != 1.0 else {}
+    chain_kw = ({"prior_scale": chain_prior}
+                if has_prior(getattr(predictor, "model", None)) and chain_prior != 1.0 else {})
     total = len(key_boxes) + sum(len(f) + len(b) for _, (f, b) in plan)
     done = 0
 
@@ -229,7 +230,7 @@ def propagate_memory(
             f"model {model.name} has untrained memory modules: use --engine box (box propagation), "
             "or a SAM2 checkpoint / a model trained on video"
         )
-    if getattr(model, "box_prior", 0.0):
+    if has_prior(model):
         raise InputError(f"model {model.name} adds a box-shape prior that SAM2's video predictor does not apply: "
                          "use --engine box (box propagation)")
     sam = model.sam

@@ -216,6 +216,8 @@ def _from_checkpoint(ckpt: dict, name_or_path: str, entry, path: Path, image_siz
     from uniultra.models.prior import check_weight
 
     model.box_prior = check_weight(info.get("box_prior", 0.0), f"checkpoint {path}: box_prior")
+    r = info.get("box_prior_round")
+    model.box_prior_round = None if r is None else check_weight(r, f"checkpoint {path}: box_prior_round")
     if peft is not None and (peft != desc["method"] or peft == "ch-adapter"):
         # fine-tuning a trained model: its own adapters are kept, the method's freezing rules apply
         adapt(model.sam, peft, scope, **options)

@@ -97,8 +97,10 @@ def save_checkpoint(model, path: str | Path, meta: dict | None = None, half: boo
         "name": model.name,
         **(meta or {}),
     }
-    if getattr(model, "box_prior", 0.0):
+    if getattr(model, "box_prior", 0.0) or getattr(model, "box_prior_round", None) is not None:
         info["box_prior"] = float(model.box_prior)
+        if getattr(model, "box_prior_round", None) is not None:
+            info["box_prior_round"] = float(model.box_prior_round)
     if trained_only:
         sd = {n: p.detach() for n, p in model.sam.named_parameters() if p.requires_grad}
         key = "trained"

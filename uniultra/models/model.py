@@ -27,6 +27,7 @@ class UniUltraModel(nn.Module):
         self.memory_trained = False
         # weight of the ellipse prior added to box rows' logits (uniultra.models.prior); 0 = none
         self.box_prior = 0.0
+        self.box_prior_round: float | None = None  # round boxes' weight, None: the same
 
     # ------------------------------------------------------------------ encoder
     def encode(self, images: torch.Tensor) -> dict:
@@ -96,7 +97,9 @@ class UniUltraModel(nn.Module):
         """``logits`` plus this model's box-shape prior (times ``scale``) for the rows' boxes."""
         from uniultra.models.prior import add_box_prior
 
-        return add_box_prior(logits, boxes, self.box_prior * scale, self.image_size)
+        r = self.box_prior_round
+        return add_box_prior(logits, boxes, self.box_prior * scale, self.image_size,
+                             round_weight=None if r is None else r * scale)
 
     def forward(self, images, boxes=None, point_coords=None, point_labels=None, mask_input=None):
         """Single-mask logits at S/4 for a batch of images with one prompt set each."""

@@ -11,6 +11,13 @@ the answer falls back towards the ellipse instead of a guess.
 The weight belongs to the model (saved in its checkpoint, ``uniultra info`` shows it): a model
 is trained with the prior it is used with (``uniultra train --box-prior W``).  Everything below is
 plain tensor arithmetic, so it traces into the ONNX decoder too.
+
+**Round boxes may count more.**  The ellipse inscribed in a roundish box is a good guess at a
+blob; in a long thin box (a muscle aponeurosis, a vessel along its length) it says little about
+a band that crosses the box at a slant.  A model may therefore carry a second weight,
+``box_prior_round`` (``--box-prior W,R``): R for boxes up to 2:1 (their longer side at most
+twice the shorter, in the model's input space), W from 3:1 on, linear in between.  Without it
+every box gets W.
 """
 
 from __future__ import annotations
@@ -35,14 +42,32 @@ def ellipse_prior(boxes: torch.Tensor, hw: tuple[int, int], size: int) -> torch.
     return (1.0 - r).clamp(-1.0, 1.0)[:, None]
 
 
+ROUND_ASPECT, LONG_ASPECT = 2.0, 3.0  # the round weight up to 2:1, the plain one from 3:1
+
+
+def box_weights(boxes: torch.Tensor, weight: float, round_weight: float) -> torch.Tensor:
+    """``[N]`` prior weight per model-space box ``[N, 4]``: ``round_weight`` up to an aspect
+    ratio of 2:1, ``weight`` from 3:1, linear in between."""
+    b = boxes.reshape(-1, 4).to(torch.float32)
+    bw, bh = (b[:, 2] - b[:, 0]).abs(), (b[:, 3] - b[:, 1]).abs()
+    aspect = torch.maximum(bw, bh) / torch.minimum(bw, bh).clamp_min(1e-3)
+    t = ((aspect - ROUND_ASPECT) / (LONG_ASPECT - ROUND_ASPECT)).clamp(0.0, 1.0)
+    return float(round_weight) + (float(weight) - float(round_weight)) * t
+
+
 def add_box_prior(logits: torch.Tensor, boxes: torch.Tensor | None, weight: float, size: int,
-                  has_box: torch.Tensor | None = None) -> torch.Tensor:
+                  has_box: torch.Tensor | None = None, round_weight: float | None = None) -> torch.Tensor:
     """``logits [N, M, h, w]`` plus ``weight`` times each row's ellipse prior (every one of the
-    M masks).  No box or a zero weight: ``logits`` unchanged.  ``has_box [N]`` (0/1) switches the
-    prior off for rows without a box (the ONNX decoder, where a row's box is optional)."""
-    if boxes is None or not weight:
+    M masks); with ``round_weight``, per box as :func:`box_weights` says.  No box or zero weights:
+    ``logits`` unchanged.  ``has_box [N]`` (0/1) switches the prior off for rows without a box
+    (the ONNX decoder, where a row's box is optional)."""
+    if boxes is None or not (weight or round_weight):
         return logits
-    p = ellipse_prior(boxes, logits.shape[-2:], size).to(logits.dtype) * float(weight)
+    p = ellipse_prior(boxes, logits.shape[-2:], size).to(logits.dtype)
+    if round_weight is None or float(round_weight) == float(weight):
+        p = p * float(weight)
+    else:
+        p = p * box_weights(boxes, weight, round_weight).to(logits.dtype).reshape(-1, 1, 1, 1)
     if has_box is not None:
         p = p * has_box.to(logits.dtype).reshape(-1, 1, 1, 1)
     return logits + p
@@ -71,3 +96,35 @@ def check_weight(weight, source: str = "--box-prior") -> float:
     if not (w >= 0) or w == float("inf"):
         raise InputError(f"{source} {weight!r} must be a finite number >= 0 (0 switches the box prior off)")
     return w
+
+
+def parse_prior(spec, source: str = "--box-prior") -> tuple[float, float | None]:
+    """``W`` or ``W,R`` (a number, a string or a pair) -> ``(W, R or None)``, or a one-line error
+    naming ``source``.  R is the weight of round boxes (module doc)."""
+    from uniultra.errors import InputError
+
+    parts = spec
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",")]
+    elif not isinstance(spec, (list, tuple)):
+        parts = [spec]
+    if not 1 <= len(parts) <= 2:
+        raise InputError(f"{source} {spec!r}: give W, or W,R (W for long boxes, R for round ones)")
+    w = check_weight(parts[0], source)
+    return w, (check_weight(parts[1], source) if len(parts) == 2 else None)
+
+
+def prior_spec(model) -> str:
+    """The model's prior as ``--box-prior`` takes it (``"8"``, ``"8,16"``, ``"0"``)."""
+    w, r = float(getattr(model, "box_prior", 0.0)), getattr(model, "box_prior_round", None)
+    return f"{w:g}" if r is None or float(r) == w else f"{w:g},{float(r):g}"
+
+
+def set_prior(model, spec, source: str = "--box-prior") -> None:
+    """Give ``model`` the prior ``spec`` (``W`` or ``W,R``; see :func:`parse_prior`)."""
+    model.box_prior, model.box_prior_round = parse_prior(spec, source)
+
+
+def has_prior(model) -> bool:
+    """Whether ``model`` adds a box-shape prior to any box."""
+    return bool(getattr(model, "box_prior", 0.0) or getattr(model, "box_prior_round", None))

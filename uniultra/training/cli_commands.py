@@ -113,9 +113,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="the teacher's embedding cache (`uniultra cache-embeddings`); with --no-augment every "
                         "step reads it instead of running the teacher's encoder")
     p.add_argument("--hint-weight", dest="hint_weight", type=float, help="weight of the teacher-hint loss (default 1)")
-    p.add_argument("--box-prior", dest="box_prior", type=float, metavar="W",
+    p.add_argument("--box-prior", dest="box_prior", metavar="W[,R]",
                    help="add W x the ellipse inscribed in each box to the logits, in training and in every use "
-                        "of the trained model (0: none; default: the starting model's own)")
+                        "of the trained model (0: none; R: the weight of boxes up to 2:1, ramping to W at 3:1; "
+                        "default: the starting model's own)")
     p.set_defaults(func=run_train)
     return p
 
@@ -140,7 +141,7 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", dest="finetune_lr", type=float)
     p.add_argument("--finetune-loss-weights", dest="finetune_loss_weights", help="loss of the fine-tuning stage")
     p.add_argument("--finetune-augment", dest="finetune_augment", action=BOOL, help="augment during fine-tuning")
-    p.add_argument("--box-prior", dest="box_prior", type=float, metavar="W",
+    p.add_argument("--box-prior", dest="box_prior", metavar="W[,R]",
                    help="fine-tune the student with W x the box's inscribed ellipse added to its logits (as train)")
     p.add_argument("--half", action=BOOL, help="store the student in fp16")
     p.set_defaults(func=run_distill)

@@ -183,7 +183,7 @@ class TrainConfig(RunConfig):
     hint_weight: float = 1.0
     # weight of the ellipse prior added to box rows' logits (uniultra.models.prior); None keeps
     # the starting model's own (0 for every model not trained with one)
-    box_prior: float | None = None
+    box_prior: float | str | None = None  # W, or "W,R" (R: round boxes' weight)
 
     RESUME_KEYS = RunConfig.RESUME_KEYS + ("model", "peft", "teacher", "box_prior")
 
@@ -204,9 +204,9 @@ class TrainConfig(RunConfig):
         if self.hint_weight < 0:
             raise _bad("hint_weight", self.hint_weight, "give 0 or more")
         if self.box_prior is not None:
-            from uniultra.models.prior import check_weight
+            from uniultra.models.prior import parse_prior
 
-            self.box_prior = check_weight(self.box_prior)
+            self.box_prior = _prior_value(parse_prior(self.box_prior))
         if self.teacher is not None and not str(self.teacher).strip():
             self.teacher = None
         if self.teacher_cache and not self.teacher:
@@ -241,7 +241,7 @@ class DistillConfig(RunConfig):
     finetune_loss_weights: str = "dice=1,bce=1,iou=1"
     finetune_augment: bool = True
     half: bool = False                    # store the student in fp16
-    box_prior: float | None = None        # the fine-tuned student's box-shape prior (TrainConfig)
+    box_prior: float | str | None = None  # the fine-tuned student's box-shape prior (TrainConfig)
     extra: dict = field(default_factory=dict)
 
     RESUME_KEYS = RunConfig.RESUME_KEYS + ("teacher", "student", "student_init", "level_terms")
@@ -260,10 +260,11 @@ class DistillConfig(RunConfig):
             if getattr(self, key) < 0:
                 raise _bad(key, getattr(self, key), "give 0 or more")
         if self.box_prior is not None:
-            from uniultra.models.prior import check_weight
+            from uniultra.models.prior import parse_prior
 
-            self.box_prior = check_weight(self.box_prior)
-            if self.box_prior and not self.finetune_steps:
+            wr = parse_prior(self.box_prior)
+            self.box_prior = _prior_value(wr)
+            if any(wr) and not self.finetune_steps:
                 raise InputError("--box-prior is trained in the fine-tuning stage: give --finetune-steps too")
 
 
@@ -359,3 +360,9 @@ def to_yaml(cfg) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))
+
+
+def _prior_value(wr: tuple[float, float | None]) -> float | str:
+    """A parsed ``--box-prior`` as the config stores it: W (a number, as before), or "W,R"."""
+    w, r = wr
+    return w if r is None else f"{w:g},{r:g}"

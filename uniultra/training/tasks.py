@@ -238,7 +238,9 @@ class SegmentationTask(Task):
             raise InputError(f"--image-size {cfg.image_size} does not match the model ({model.image_size})")
         cfg.image_size = S = model.image_size
         if cfg.box_prior is not None:
-            model.box_prior = cfg.box_prior
+            from uniultra.models.prior import set_prior
+
+            set_prior(model, cfg.box_prior)
         splits, pds = _train_data(cfg, self.roots, S, 1, dict(
             max_instances=cfg.max_instances, prompt=cfg.prompt, jitter=cfg.jitter, shift_px=cfg.shift_px,
             n_pos=cfg.n_pos, n_neg=cfg.n_neg))
