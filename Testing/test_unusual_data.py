@@ -181,3 +181,17 @@ def test_dataset_with_unusual_masks_and_split_csv(tmp_path):
     ds = UniformDataset(root, "test")
     assert [r.id for r in ds.records] == ["a", "b", "c"]
     assert [len(ds.instances(i)) for i in range(3)] == [2, 2, 0]
+
+
+def test_split_names_match_without_regard_to_case(tmp_path):
+    """A split.csv edited in a spreadsheet may say Test or TRAIN; those are the usual splits."""
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "images" / f"a{i}.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / f"a{i}.png")
+    (root / "split.csv").write_text("id,split\na0,Train\na1,TEST\na2,test\n")
+    assert [r.id for r in UniformDataset(root, "test").records] == ["a1", "a2"]
+    assert [r.id for r in UniformDataset(root, "TRAIN").records] == ["a0"]
+    assert UniformDataset(root, None).split_names == {"train", "test"}

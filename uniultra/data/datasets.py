@@ -114,12 +114,16 @@ class UniformDataset:
             raise InputError(
                 f"'{self.root}' is not a dataset folder (no split.csv); pass a folder with images/, masks/ and split.csv"
             )
-        splits = None if split in (None, "all") else ({split} if isinstance(split, str) else set(split))
+        # split names are matched without regard to case ("Test" in a spreadsheet is the test split)
+        splits = (None if split in (None, "all")
+                  else {str(x).lower() for x in ([split] if isinstance(split, str) else split)})
         self.split = split
         self.records: list[Record] = []
         self.split_names: set[str] = set()
         seen: dict[str, int] = {}
         for line, row in _read_split_csv(csv_path):
+            if "split" in row:
+                row["split"] = row["split"].lower()
             self.split_names.add(row.get("split", ""))
             rid = row["id"]
             if rid and rid in seen:  # the same image counted twice, or in two splits (train/test leakage)
