@@ -195,3 +195,22 @@ def test_split_names_match_without_regard_to_case(tmp_path):
     assert [r.id for r in UniformDataset(root, "test").records] == ["a1", "a2"]
     assert [r.id for r in UniformDataset(root, "TRAIN").records] == ["a0"]
     assert UniformDataset(root, None).split_names == {"train", "test"}
+
+
+def test_a_slicer_sequence_is_not_one_image(tmp_path, capsys):
+    """A .seq.nrrd cine given where one image is expected names propagate --clip (it said the file
+    had 3 'components per pixel'); a one-frame sequence is that frame."""
+    from uniultra.data.io import write_seq_nrrd
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (40, 50), dtype=np.uint8) for _ in range(3)]
+    write_seq_nrrd(tmp_path / "c.seq.nrrd", frames)
+    with pytest.raises(InputError, match=r"sequence \(cine\) of 3 frames.*propagate --clip"):
+        read_image(tmp_path / "c.seq.nrrd")
+    assert [np.array_equal(a, b) for a, b in zip(read_frames(tmp_path / "c.seq.nrrd"), frames)] == [True] * 3
+    write_seq_nrrd(tmp_path / "one.seq.nrrd", frames[:1])
+    assert np.array_equal(read_image(tmp_path / "one.seq.nrrd"), frames[0])
+    rc = main(["segment", "--image", str(tmp_path / "c.seq.nrrd"), "--box", "5", "5", "30", "30",
+               "--out", str(tmp_path / "m.png")])
+    assert_one_clean_line(rc, capsys.readouterr().err, "propagate --clip")
+    assert not (tmp_path / "m.png").exists()

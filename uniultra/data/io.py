@@ -264,6 +264,14 @@ _COLOUR_KINDS = {"rgb-color", "3-color", "rgba-color", "4-color", "vector", "cov
                  "normal", "3-vector", "4-vector", "hsv-color", "xyz-color"}
 
 
+def _nrrd_has_list_axis(p: Path) -> bool:
+    try:
+        fields, _ = read_nrrd_header(p)
+    except Exception:  # not our minimal reader's kind of NRRD: ITK reads it below
+        return False
+    return "list" in fields.get("kinds", "").lower().split()
+
+
 def _frames_from_nrrd(p: Path, axis: int) -> list[np.ndarray] | None:
     """Frames of a NRRD with a ``list`` axis (Slicer sequence); None when it has none."""
     fields, _ = read_nrrd_header(p)
@@ -348,6 +356,15 @@ def read_image(path) -> np.ndarray:
         return a[0]
     if ext in PIL_EXT:
         return _read_pil(p)
+    if ext in (".nrrd", ".seq.nrrd", ".nhdr") and _nrrd_has_list_axis(p):  # a Slicer sequence (cine)
+        frames = _frames_from_nrrd(p, 0)
+        if frames is not None and len(frames) != 1:
+            raise InputError(
+                f"'{p}' is a sequence (cine) of {len(frames)} frames, not one image: give it to "
+                f"`uniultra propagate --clip` or `uniultra batch` (in Python: read_frames), or save one frame"
+            )
+        if frames:
+            return frames[0]
     if ext in ITK_EXT or ext in (".seq.nrrd", ".seg.nrrd"):
         a, info = read_itk(p)
         if info["components"] > 1:
