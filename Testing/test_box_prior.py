@@ -235,3 +235,26 @@ def test_propagation_weakens_the_prior_for_chained_boxes_only(model):
     calls.clear()
     propagate(p, frames, {1: [(10, 10, 50, 40)]}, chain_prior=0.25)
     assert len(calls) >= 1 and set(calls) == {1.0}
+
+
+def test_a_registry_entry_can_use_weights_with_its_own_prior(tmp_path, monkeypatch, capsys):
+    """The bundled default is uniultra-mini-us6p's file used with a round-box weight: the same
+    weights, its own prior; a user record with a bad prior is skipped with a warning."""
+    import json
+
+    from uniultra.registry import DEFAULT_MODEL, load_registry
+
+    a, b = build_model("uniultra-mini-us6p"), build_model(DEFAULT_MODEL)
+    assert (a.box_prior, a.box_prior_round) == (8.0, None)
+    assert prior_spec(b) == load_registry()[DEFAULT_MODEL].extra["box_prior"] == "8,16"
+    from uniultra.models.checkpoint import IMAGE_PATH_PREFIXES  # the rest (video memory) is rebuilt untrained
+
+    sa, sb = a.sam.state_dict(), b.sam.state_dict()
+    kept = [k for k in sa if k.startswith(IMAGE_PATH_PREFIXES)]
+    assert len(kept) > 100 and all(torch.equal(sa[k], sb[k]) for k in kept)
+    monkeypatch.setenv("UNIULTRA_CACHE", str(tmp_path))
+    rec = {"name": "mine", "arch": "uniultra-student-e8", "image_size": 64, "file": "mine.pt",
+           "source": "user", "extra": {"box_prior": "8,-2"}}
+    (tmp_path / "mine.json").write_text(json.dumps(rec))
+    assert "mine" not in load_registry()
+    assert "skipping the model record" in capsys.readouterr().err

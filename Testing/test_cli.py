@@ -170,9 +170,9 @@ def test_models_lists_registry(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and "sam2.1-hiera-large" in out and "uniultra-mini-us" in out
     marked = [line.split()[0] for line in out.splitlines() if line.endswith("(default)")]
-    assert marked == ["uniultra-mini-us6p"]  # exactly one row says it is the default
+    assert marked == ["uniultra-mini-us6pr"]  # exactly one row says it is the default
     code, out, _ = run(capsys, "models", "--json")
-    assert [r["name"] for r in json.loads(out) if r["default"]] == ["uniultra-mini-us6p"]
+    assert [r["name"] for r in json.loads(out) if r["default"]] == ["uniultra-mini-us6pr"]
 
 
 def test_export_onnx(capsys, ckpt, tmp_path):

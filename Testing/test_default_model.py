@@ -35,7 +35,7 @@ def test_default_is_the_one_every_front_end_uses():
     spec.loader.exec_module(mod)  # the Slicer effect's Qt-free engine bridge (numpy only)
     effect_default = mod.DEFAULT_MODEL
 
-    assert DEFAULT_MODEL == engine_default == effect_default == "uniultra-mini-us6p"
+    assert DEFAULT_MODEL == engine_default == effect_default == "uniultra-mini-us6pr"
 
 
 @pytest.mark.parametrize("name", ["busi", "ddti", "hc18", "carotid", "ctrus", "dltrack_apo"])

@@ -122,20 +122,23 @@ def zero_shot_recipe(args) -> dict:
 
 
 PRIOR_WEIGHTS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+# (W, R) pairs: W for long boxes, R for round ones (uniultra/models/prior.py); R = W is one weight for all
+PRIOR_PAIRS = tuple((w, r) for w in PRIOR_WEIGHTS for r in PRIOR_WEIGHTS if r >= w)
 
 
 def inference_prior(args, left_out: str) -> dict | None:
-    """The fold's finished student (trained without a prior) with the box-shape prior added at use, its weight chosen from
-    PRIOR_WEIGHTS on the val splits of the fold's *training* anatomies (``--val-images`` each), then
-    scored on the left-out test split.  Writes ``<fold>/test-student-iprior/evaluation.json`` (with
-    the chosen weight and the val curve); skipped when the model is missing, reused when written."""
+    """The fold's finished student (trained without a prior) with the box-shape prior added at use, its
+    weights (W, R) chosen from PRIOR_PAIRS on the val splits of the fold's *training* anatomies
+    (``--val-images`` each), then scored on the left-out test split.  Writes
+    ``<fold>/test-student-rprior/evaluation.json`` (with the chosen pair and the val curve); skipped
+    when the model is missing, reused when written."""
     from uniultra.evaluation.evaluate import evaluate_dataset
     from uniultra.inference import Predictor
     from uniultra.models import build_model
 
     fold = Path(args.out) / left_out
     src = fold / "student" / "finetune" / "model.pt"
-    out = fold / "test-student-iprior" / "evaluation.json"
+    out = fold / "test-student-rprior" / "evaluation.json"
     if out.is_file():
         return json.loads(out.read_text())
     if not src.is_file():
@@ -148,21 +151,25 @@ def inference_prior(args, left_out: str) -> dict | None:
         p.set_image(image)
         return list(p.predict(boxes=boxes, points=points, labels=labels).masks)
 
+    def use(pair):
+        model.box_prior, model.box_prior_round = own + pair[0], own + pair[1]
+
     curve = {}
-    for w in PRIOR_WEIGHTS:
-        model.box_prior = own + w
+    for pair in PRIOR_PAIRS:
+        use(pair)
         dice = [evaluate_dataset(seg, Path(args.data) / a, split="val", jitter=0.1, limit=args.val_images,
                                  progress=False)["datasets"][a]["dice"]
                 for a in args.anatomies if a != left_out]
-        curve[w] = sum(dice) / len(dice)
-    best = max(PRIOR_WEIGHTS, key=lambda w: (round(curve[w], 4), -w))
-    model.box_prior = own + best
+        curve[pair] = sum(dice) / len(dice)
+    best = max(PRIOR_PAIRS, key=lambda wr: (round(curve[wr], 4), -sum(wr)))
+    use(best)
     res = evaluate_dataset(seg, Path(args.data) / left_out, split="test", jitter=0.1, limit=args.test_images,
                            progress=False)
-    res.update(model=str(src), added_prior=best, val_curve={f"{w:g}": v for w, v in curve.items()})
+    res.update(model=str(src), added_prior=list(best), val_curve={f"{w:g},{r:g}": v for (w, r), v in curve.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    print(f"{left_out} student: + prior {best:g} chosen on val ({', '.join(f'{w:g}: {v:.3f}' for w, v in curve.items())}); "
+    print(f"{left_out} student: + prior {best[0]:g},{best[1]:g} chosen on val (best {curve[best]:.3f}, one weight "
+          f"for all: {max(v for (w, r), v in curve.items() if w == r):.3f}); "
           f"test Dice {res['datasets'][left_out]['dice']:.3f}", flush=True)
     return res
 
@@ -196,7 +203,7 @@ def table(args) -> tuple[str, dict]:
         m = read_eval(Path(args.out) / a / "test-masks" / "evaluation.json", a) or {}
         sp = read_eval(Path(args.out) / a / "test-student-prior" / "evaluation.json", a) or {}
         mp = read_eval(Path(args.out) / a / "test-masks-prior" / "evaluation.json", a) or {}
-        si = read_eval(Path(args.out) / a / "test-student-iprior" / "evaluation.json", a) or {}
+        si = read_eval(Path(args.out) / a / "test-student-rprior" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
@@ -230,8 +237,9 @@ def table(args) -> tuple[str, dict]:
                f"run or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else "")
             + (f" Box-prior columns (uniultra/models/prior.py): the same runs with the prior of weight {args.box_prior:g} "
                "trained in (student: in its fine-tuning stage)." if args.box_prior else "")
-            + " 'Student + prior at use': the student without a prior, the prior added when it is used, its weight "
-              f"chosen from {', '.join(f'{w:g}' for w in PRIOR_WEIGHTS)} on the val splits of the fold's training "
+            + " 'Student + prior at use': the student without a prior, the prior added when it is used: W for "
+              "long boxes (3:1 and more), R for round ones (up to 2:1), linear between; (W, R) with R >= W chosen from "
+              f"{', '.join(f'{w:g}' for w in PRIOR_WEIGHTS)} on the val splits of the fold's training "
               f"anatomies ({args.val_images} images each).",
             "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
                 "| student + box prior | student + prior at use | default recipe, masks | default recipe + hints "
@@ -276,8 +284,8 @@ def main() -> int:
     ap.add_argument("--box-prior", dest="box_prior", type=float, default=0.0,
                     help="train the student / default-recipe runs with this box-prior weight (stages *-prior)")
     ap.add_argument("--inference-prior", dest="inference_prior", action="store_true",
-                    help="score each fold's finished student with the box-shape prior added at use, its weight chosen "
-                         "on the fold's training anatomies' val splits (test-student-iprior)")
+                    help="score each fold's finished student with the box-shape prior added at use, its weights chosen "
+                         "on the fold's training anatomies' val splits (test-student-rprior)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")

@@ -32,9 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIULTRA_DATA", REPO.parent / "shared" / "data"))
-DEFAULT = "uniultra-mini-us6p"  # uniultra.registry.DEFAULT_MODEL (checked in main)
+DEFAULT = "uniultra-mini-us6pr"  # uniultra.registry.DEFAULT_MODEL (checked in main)
 LABELS = {DEFAULT: f"{DEFAULT} (bundled default)",
-          "uniultra-mini-us6": "uniultra-mini-us6 (previous default)",
+          "uniultra-mini-us6p": "uniultra-mini-us6p (previous default)",
+          "uniultra-mini-us6": "uniultra-mini-us6",
           "uniultra-mini-us": "uniultra-mini-us (first default)",
           "uniultra-mini-lm": "UniUltra-mini on LiteMedSAM's decoder",
           "litemedsam": "LiteMedSAM",

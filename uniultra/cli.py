@@ -239,6 +239,9 @@ def _saved_prior(name: str) -> str | None:
         entry, path = resolve_model(name)
     except (InputError, ValueError):
         return None
+    if entry is not None and "box_prior" in entry.extra:  # the registry entry's own way to use the weights
+        return prior_spec(SimpleNamespace(**dict(zip(("box_prior", "box_prior_round"),
+                                                     parse_prior(entry.extra["box_prior"])))))
     if path is None or not path.is_file() or (entry is not None and entry.source != "bundled"
                                               and path.stat().st_size > 200 << 20):
         return None

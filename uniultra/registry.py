@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The bundled default model: the one name every front end (CLI, Python API, Slicer modules, web
 # app, batch) falls back to.  $UNIULTRA_MODEL overrides it where a front end reads the environment.
-DEFAULT_MODEL = "uniultra-mini-us6p"
+DEFAULT_MODEL = "uniultra-mini-us6pr"
 
 
 def resources_dir() -> Path:
@@ -177,6 +177,10 @@ def _checked_entry(e: dict) -> ModelEntry:
         raise ValueError("'params' must be a whole number or null")
     if not isinstance(entry.extra, dict):
         raise ValueError("'extra' must be a JSON object")
+    if "box_prior" in entry.extra:  # the box-shape prior to use with these weights (W or "W,R")
+        from uniultra.models.prior import parse_prior
+
+        parse_prior(entry.extra["box_prior"], "'extra.box_prior'")  # an InputError is a ValueError
     for key in ("description", "license", "source"):
         if not isinstance(getattr(entry, key), str):
             raise ValueError(f"{key!r} must be text")

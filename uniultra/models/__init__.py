@@ -165,7 +165,12 @@ def build_model(
                          "or choose another model (`uniultra models`)")
     ckpt = read_checkpoint(path, entry.sha256 if entry is not None else None)
     try:
-        return _from_checkpoint(ckpt, name_or_path, entry, path, image_size, peft, scope, options, device)
+        model = _from_checkpoint(ckpt, name_or_path, entry, path, image_size, peft, scope, options, device)
+        if entry is not None and "box_prior" in entry.extra:  # an entry may use its weights another way
+            from uniultra.models.prior import set_prior
+
+            set_prior(model, entry.extra["box_prior"], f"model {entry.name}: registry box_prior")
+        return model
     except InputError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
