@@ -4,6 +4,8 @@ naming it, exit status 2, no output.  Small synthetic files only; the tiny rando
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -214,3 +216,33 @@ def test_a_slicer_sequence_is_not_one_image(tmp_path, capsys):
                "--out", str(tmp_path / "m.png")])
     assert_one_clean_line(rc, capsys.readouterr().err, "propagate --clip")
     assert not (tmp_path / "m.png").exists()
+
+
+def test_a_folder_without_split_csv_is_evaluated_whole(tmp_path, capsys):
+    """images/ + masks/ without split.csv (someone's own data): evaluate scores every image;
+    training asks for a split.csv in one line."""
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, ext in enumerate([".png", ".PNG", ".jpg"]):
+        img = rng.integers(0, 255, (48, 64), dtype=np.uint8)
+        m = np.zeros((48, 64), np.uint8)
+        m[10:30, 15 + i:40 + i] = 255
+        Image.fromarray(img).save(root / "images" / f"case {i}{ext}")
+        Image.fromarray(m).save(root / "masks" / f"case {i}.png")
+    (root / "images" / "notes.txt").write_text("not an image")
+    ds = UniformDataset(root, "test")
+    assert ds.unsplit and [r.id for r in ds.records] == ["case 0", "case 1", "case 2"]
+    assert len(UniformDataset(root, None)) == 3
+    with pytest.raises(InputError, match="no split.csv.*add split.csv"):
+        UniformDataset(root, "train")
+    rc = main(["evaluate", "--data", str(root), "--json", "--model", "uniultra-student-e8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and json.loads(out)["datasets"]["mine"]["n_images"] == 3
+    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--model", "uniultra-student-e8",
+               "--steps", "1"])
+    assert_one_clean_line(rc, capsys.readouterr().err, "no split.csv")
+    (root / "images" / "case 0.jpg").write_bytes((root / "images" / "case 2.jpg").read_bytes())
+    with pytest.raises(InputError, match="two images named 'case 0'"):
+        UniformDataset(root, "test")

@@ -5,6 +5,9 @@ Uniform layout (the shared data's README, ``../shared/data/README.md`` beside th
     <root>/images/<id>.png   <root>/masks/<id>.png   <root>/split.csv (id,split[,clip,frame])
     <root>/meta.json
 
+A folder with images/ and masks/ but no split.csv (a user's own data) is a dataset whose every
+image is a test image: ``uniultra evaluate`` scores it; training asks for a split.csv.
+
 Instances: one per 8-connected component per non-zero label value (255 is a label like any
 other), optionally dropping components smaller than ``min_area_frac`` of the image
 (SAM-UNet drops < 0.153%: ``min_area_frac=0.00153``).
@@ -110,18 +113,24 @@ class UniformDataset:
         self.name = self.root.name
         self.min_area_frac = float(min_area_frac)
         csv_path = self.root / "split.csv"
-        if not csv_path.is_file():
-            raise InputError(
-                f"'{self.root}' is not a dataset folder (no split.csv); pass a folder with images/, masks/ and split.csv"
-            )
         # split names are matched without regard to case ("Test" in a spreadsheet is the test split)
         splits = (None if split in (None, "all")
                   else {str(x).lower() for x in ([split] if isinstance(split, str) else split)})
+        # a folder of images/ and masks/ without split.csv (a user's own data): every image is a test image
+        self.unsplit = not csv_path.is_file()
+        if self.unsplit:
+            rows = _unsplit_rows(self.root)
+            if splits is not None and splits - {"test"}:
+                raise InputError(f"'{self.root}' has no split.csv, so all its images are test images (for "
+                                 f"`uniultra evaluate`); to use it as {'/'.join(sorted(splits - {'test'}))} data, "
+                                 "add split.csv with rows id,split (train, val or test)")
+        else:
+            rows = _read_split_csv(csv_path)
         self.split = split
         self.records: list[Record] = []
         self.split_names: set[str] = set()
         seen: dict[str, int] = {}
-        for line, row in _read_split_csv(csv_path):
+        for line, row in rows:
             if "split" in row:
                 row["split"] = row["split"].lower()
             self.split_names.add(row.get("split", ""))
@@ -200,6 +209,31 @@ class UniformDataset:
         return out
 
 
+def _unsplit_rows(root: Path) -> list[tuple[int, dict]]:
+    """(0, {"id", "split": "test"}) for every image file in ``root/images`` of a folder without
+    split.csv; an error when there is no such folder or two files share a name."""
+    from uniultra.data.io import DICOM_EXT, ITK_EXT, PIL_EXT
+
+    folder = root / "images"
+    if not folder.is_dir():
+        raise InputError(f"'{root}' is not a dataset folder (no split.csv, no images/); pass a folder with "
+                         "images/ and masks/ (and split.csv to say which images are train, val or test)")
+    exts = PIL_EXT + ITK_EXT + DICOM_EXT
+    ids: dict[str, str] = {}
+    for f in sorted(folder.iterdir()):
+        name = f.name
+        ext = next((e for e in sorted(exts, key=len, reverse=True) if name.lower().endswith(e)), None)
+        if not f.is_file() or name.startswith(".") or ext is None:
+            continue
+        rid = name[: -len(ext)]
+        if rid in ids:
+            raise InputError(f"'{folder}' holds two images named {rid!r} ({ids[rid]}, {name}); keep one")
+        ids[rid] = name
+    if not ids:
+        raise InputError(f"'{folder}' holds no images ({', '.join(PIL_EXT + ITK_EXT)} or DICOM files)")
+    return [(0, {"id": rid, "split": "test"}) for rid in ids]
+
+
 def _read_split_csv(path: Path) -> list[tuple[int, dict]]:
     """(line, row) of a dataset's split.csv: header id[,split,clip,frame...]; a UTF-8 byte-order
     mark (as spreadsheet programs save) is fine, stray spaces around names and values too."""
@@ -236,13 +270,19 @@ def spread(items: list, n: int) -> list:
 
 
 def find_datasets(root) -> list[Path]:
-    """``root`` itself when it holds split.csv, else its sub-folders that do (sorted)."""
+    """``root`` itself when it is a dataset (split.csv, or images/ and masks/ without one), else its
+    sub-folders that are (sorted)."""
     root = Path(root)
-    if (root / "split.csv").is_file():
+
+    def is_dataset(p: Path) -> bool:
+        return (p / "split.csv").is_file() or ((p / "images").is_dir() and (p / "masks").is_dir())
+
+    if is_dataset(root):
         return [root]
-    found = sorted(p for p in root.iterdir() if (p / "split.csv").is_file()) if root.is_dir() else []
+    found = sorted(p for p in root.iterdir() if is_dataset(p)) if root.is_dir() else []
     if not found:
-        raise InputError(f"no dataset found in '{root}' (no split.csv there or in its sub-folders); check the path")
+        raise InputError(f"no dataset found in '{root}' (no images/ and masks/, nor split.csv, there or in its "
+                         "sub-folders); check the path")
     return found
 
 
