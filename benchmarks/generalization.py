@@ -17,6 +17,8 @@ boxes and LiteMedSAM zero-shot on the same images.  Settings are the same for ev
         --folds camus ctrus dltrack_apo           # default-recipe folds with the box-shape prior trained in
     .venv/bin/python benchmarks/generalization.py --inference-prior --student      # the students
                                                   # with the prior added at use (weight chosen on val)
+    .venv/bin/python benchmarks/generalization.py --inference-prior --round-boxes --student   # the same with
+                                                  # a pair of weights, for long and for round boxes (printed)
 
 ``--hint-student``: the recipe of ``recipes/uniultra-mini-us6.yaml`` per fold:
 ``--hint-init`` (default ``uniultra-mini-us``) trained on the other anatomies' masks with feature
@@ -126,46 +128,68 @@ PRIOR_WEIGHTS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 PRIOR_PAIRS = tuple((w, r) for w in PRIOR_WEIGHTS for r in PRIOR_WEIGHTS if r >= w)
 
 
-def inference_prior(args, left_out: str) -> dict | None:
+def inference_prior(args, left_out: str, round_boxes: bool = False) -> dict | None:
     """The fold's finished student (trained without a prior) with the box-shape prior added at use, its
-    weights (W, R) chosen from PRIOR_PAIRS on the val splits of the fold's *training* anatomies
-    (``--val-images`` each), then scored on the left-out test split.  Writes
-    ``<fold>/test-student-rprior/evaluation.json`` (with the chosen pair and the val curve); skipped
-    when the model is missing, reused when written."""
+    weight chosen from PRIOR_WEIGHTS (``round_boxes``: the pair (W, R) from PRIOR_PAIRS) on the val
+    splits of the fold's *training* anatomies (``--val-images`` each), then scored on the left-out
+    test split.  Writes ``<fold>/test-student-iprior/evaluation.json`` (``-rprior`` for pairs; with
+    the choice and the val curve); skipped when the model is missing, reused when written."""
     from uniultra.evaluation.evaluate import evaluate_dataset
     from uniultra.inference import Predictor
     from uniultra.models import build_model
 
     fold = Path(args.out) / left_out
     src = fold / "student" / "finetune" / "model.pt"
-    out = fold / "test-student-rprior" / "evaluation.json"
+    out = fold / f"test-student-{'rprior' if round_boxes else 'iprior'}" / "evaluation.json"
     if out.is_file():
         return json.loads(out.read_text())
     if not src.is_file():
         return None
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from uniultra.data.transforms import box_to_model, upsample_logits
+
     model = build_model(str(src))
     own = model.box_prior
     p = Predictor(model, "cpu")
+    raw = {}  # the decoder's logits without a prior, once per image and boxes: each pair only adds its prior
 
     def seg(image, boxes, points, labels):
-        p.set_image(image)
-        return list(p.predict(boxes=boxes, points=points, labels=labels).masks)
+        key = (hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest(),
+               tuple(tuple(b) for b in boxes))
+        if key not in raw:
+            kept = model.box_prior, model.box_prior_round
+            model.box_prior, model.box_prior_round = 0.0, None
+            p.set_image(image)
+            raw[key] = p.predict(boxes=boxes).low_res_logits
+            model.box_prior, model.box_prior_round = kept
+        hw = image.shape[:2]
+        mb = torch.as_tensor(box_to_model(np.asarray(boxes, np.float64), hw, p.size), dtype=torch.float32)
+        low = model.with_box_prior(raw[key], mb)  # as Predictor.predict does (no refinement, no TTA)
+        return list((upsample_logits(low[:, 0].float(), hw, p.size) > 0).numpy())
 
     def use(pair):
         model.box_prior, model.box_prior_round = own + pair[0], own + pair[1]
 
+    pairs = PRIOR_PAIRS if round_boxes else tuple((w, w) for w in PRIOR_WEIGHTS)
     curve = {}
-    for pair in PRIOR_PAIRS:
+    for pair in pairs:
         use(pair)
         dice = [evaluate_dataset(seg, Path(args.data) / a, split="val", jitter=0.1, limit=args.val_images,
                                  progress=False)["datasets"][a]["dice"]
                 for a in args.anatomies if a != left_out]
         curve[pair] = sum(dice) / len(dice)
-    best = max(PRIOR_PAIRS, key=lambda wr: (round(curve[wr], 4), -sum(wr)))
+    best = max(pairs, key=lambda wr: (round(curve[wr], 4), -sum(wr)))
     use(best)
     res = evaluate_dataset(seg, Path(args.data) / left_out, split="test", jitter=0.1, limit=args.test_images,
                            progress=False)
-    res.update(model=str(src), added_prior=list(best), val_curve={f"{w:g},{r:g}": v for (w, r), v in curve.items()})
+    if round_boxes:
+        res.update(model=str(src), added_prior=list(best), val_curve={f"{w:g},{r:g}": v for (w, r), v in curve.items()})
+    else:
+        res.update(model=str(src), added_prior=best[0], val_curve={f"{w:g}": v for (w, _), v in curve.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(f"{left_out} student: + prior {best[0]:g},{best[1]:g} chosen on val (best {curve[best]:.3f}, one weight "
@@ -203,7 +227,7 @@ def table(args) -> tuple[str, dict]:
         m = read_eval(Path(args.out) / a / "test-masks" / "evaluation.json", a) or {}
         sp = read_eval(Path(args.out) / a / "test-student-prior" / "evaluation.json", a) or {}
         mp = read_eval(Path(args.out) / a / "test-masks-prior" / "evaluation.json", a) or {}
-        si = read_eval(Path(args.out) / a / "test-student-rprior" / "evaluation.json", a) or {}
+        si = read_eval(Path(args.out) / a / "test-student-iprior" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
@@ -237,9 +261,8 @@ def table(args) -> tuple[str, dict]:
                f"run or would not be leave-one-out ({args.hint_init} was trained on it)." if args.hint_student else "")
             + (f" Box-prior columns (uniultra/models/prior.py): the same runs with the prior of weight {args.box_prior:g} "
                "trained in (student: in its fine-tuning stage)." if args.box_prior else "")
-            + " 'Student + prior at use': the student without a prior, the prior added when it is used: W for "
-              "long boxes (3:1 and more), R for round ones (up to 2:1), linear between; (W, R) with R >= W chosen from "
-              f"{', '.join(f'{w:g}' for w in PRIOR_WEIGHTS)} on the val splits of the fold's training "
+            + " 'Student + prior at use': the student without a prior, the prior added when it is used, its weight "
+              f"chosen from {', '.join(f'{w:g}' for w in PRIOR_WEIGHTS)} on the val splits of the fold's training "
               f"anatomies ({args.val_images} images each).",
             "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
                 "| student + box prior | student + prior at use | default recipe, masks | default recipe + hints "
@@ -285,7 +308,10 @@ def main() -> int:
                     help="train the student / default-recipe runs with this box-prior weight (stages *-prior)")
     ap.add_argument("--inference-prior", dest="inference_prior", action="store_true",
                     help="score each fold's finished student with the box-shape prior added at use, its weights chosen "
-                         "on the fold's training anatomies' val splits (test-student-rprior)")
+                         "on the fold's training anatomies' val splits (test-student-iprior)")
+    ap.add_argument("--round-boxes", dest="round_boxes", action="store_true",
+                    help="with --inference-prior: choose a pair (W for long boxes, R for round ones) instead of "
+                         "one weight (test-student-rprior; printed, not a table column)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")
@@ -309,7 +335,7 @@ def main() -> int:
 
         torch.set_num_threads(args.threads or torch.get_num_threads())
         for a in args.folds or args.anatomies:
-            inference_prior(args, a)
+            inference_prior(args, a, args.round_boxes)
     elif not args.table_only:
         run_recipe(zero_shot_recipe(args), Path(args.out) / "zeroshot.yaml")
         for a in args.folds or args.anatomies:
