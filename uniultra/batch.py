@@ -59,7 +59,7 @@ AREA_JUMP = 1.5  # area changing by more than this factor between neighbouring f
 SHIFT = 0.25  # centroid moving more than this fraction of the previous mask's size flags a frame
 CLIP_EXT = (".dcm", ".dicom", ".seq.nrrd", ".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 FRAME_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ .+-]*$")
+_NAME_RE = re.compile(r"^\w[\w .+-]*$")  # \w: any language's letters and digits, and _
 
 
 # ============================================================================== manifest
@@ -280,15 +280,19 @@ def _jsonl_manifest(path: Path, jobs, order, names) -> None:
 def _folder_manifest(folder: Path, prompts: Path, jobs, order, names) -> None:
     if not prompts.is_file():
         raise InputError(f"prompts file {prompts} does not exist")
+    from uniultra.data.io import _is_dicom
+
+    rows = _csv_rows(prompts)
+    named = {r.get("clip", "") for _, r in rows}
     clips = {}
     for p in sorted(folder.iterdir(), key=lambda q: _natural(q.name)):
         if p.name.startswith("."):
             continue
-        if p.is_dir() or any(p.name.lower().endswith(e) for e in CLIP_EXT):
+        # a DICOM without an extension (as PACS exports name them) or any file a row names is a clip too
+        if p.is_dir() or any(p.name.lower().endswith(e) for e in CLIP_EXT) or p.name in named or _is_dicom(p):
             clips[p.name] = p
     if not clips:
         raise InputError(f"{folder} holds no clips (DICOM, .seq.nrrd, NRRD/NIfTI volumes, or folders of frames)")
-    rows = _csv_rows(prompts)
     for line, r in rows:
         target = r.get("clip", "")
         if target != "*" and target not in clips:
@@ -367,27 +371,52 @@ def read_clip(job: ClipJob) -> tuple[list[np.ndarray], tuple[float, float]]:
     """Frames of a clip (file, folder of frames or glob) and its pixel spacing (x, y) in mm."""
     import glob
 
-    from uniultra.data.io import read_frames, read_image
+    from uniultra.data.io import read_frames
 
     if _is_glob(job.clip):
         files = sorted(glob.glob(job.clip), key=_natural)
         if not files:
             raise InputError(f"no frame files match {job.clip}")
-        return [read_image(f) for f in files], (1.0, 1.0)
+        return _frame_files(files), (1.0, 1.0)
     p = Path(job.clip)
     if p.is_dir():
         files = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_EXT and not f.name.startswith(".")),
                        key=lambda f: _natural(f.name))
         if not files:
             raise InputError(f"folder {p} holds no frame images ({', '.join(FRAME_EXT)})")
-        return [read_image(f) for f in files], (1.0, 1.0)
-    return read_frames(p, axis=job.axis), _spacing(p)
+        return _frame_files(files), (1.0, 1.0)
+    return read_frames(p, axis=job.axis), _spacing(p, job.axis)
 
 
-def _spacing(p: Path) -> tuple[float, float]:
-    """Pixel spacing (x, y) of a clip file as Slicer's UniUltra module loads it; 1 mm when unknown."""
+def _frame_files(files) -> list[np.ndarray]:
+    """The frames of a folder or glob of frame images, refused (naming the odd file) when they
+    differ in size."""
+    from uniultra.data.io import read_image
+
+    frames = [read_image(f) for f in files]
+    hw = frames[0].shape[:2]
+    for f, a in zip(files, frames):
+        if a.shape[:2] != hw:
+            raise InputError(f"frame file {f} is {a.shape[1]}x{a.shape[0]}, but {files[0]} is {hw[1]}x{hw[0]}: "
+                             "one size per clip; resize or crop the frames to one size")
+    return frames
+
+
+def _spacing(p: Path, axis: int = 0) -> tuple[float, float]:
+    """Pixel spacing (x, y) of a clip file as Slicer's UniUltra module loads it; 1 mm when unknown.
+    ``axis``: the numpy axis a 3D NIfTI/MHA volume is sliced along (read_frames)."""
     name = p.name.lower()
     try:
+        if name.endswith((".nii", ".nii.gz", ".mha", ".mhd")):
+            import SimpleITK as sitk
+
+            r = sitk.ImageFileReader()
+            r.SetFileName(str(p))
+            r.ReadImageInformation()
+            sp = r.GetSpacing()  # (i, j, k, ...); frames are [j, i] (axis 0), [k, i] (1) or [k, j] (2)
+            if len(sp) == 2 or r.GetDimension() == 4:
+                return (sp[0], sp[1])
+            return {0: (sp[0], sp[1]), 1: (sp[0], sp[2]), 2: (sp[1], sp[2])}[axis % 3]
         if name.endswith((".nrrd", ".nhdr")):
             from uniultra.data.io import read_nrrd_header
 

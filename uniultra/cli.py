@@ -162,6 +162,16 @@ def _refuse_with(args, used: str, ignored: Sequence[str]) -> None:
                          f"out, or leave out {used.split()[0]}")
 
 
+def _same_size(frames, names: Sequence[str]) -> None:
+    """Refuse, naming the first odd one (``names[i]``: the file or CSV line of frame i), frames
+    of more than one size: boxes are carried from frame to frame in pixels."""
+    hw = frames[0].shape[:2]
+    for f, name in zip(frames, names):
+        if f.shape[:2] != hw:
+            raise InputError(f"{name} is {f.shape[1]}x{f.shape[0]}, but {names[0]} is {hw[1]}x{hw[0]}: "
+                             "all frames of a clip must have one size; resize or crop them to one size")
+
+
 def _checked_image(path, name: str):
     """The image at ``path``, refused (naming ``name``: the option or CSV line) when a model
     cannot take it: too small, NaN or infinite pixels, not 2D."""
@@ -361,6 +371,9 @@ def cmd_propagate(args) -> int:
         _refuse_with(args, "--clip FILE", ["--frames", "--prompts"])
         if args.frame is None or not args.box:
             raise InputError("--clip needs --frame K and --box X0 Y0 X1 Y1")
+        if Path(args.clip).is_dir():
+            raise InputError(f"--clip {args.clip} is a folder: give a clip file, list its frames in a --frames CSV, "
+                             "or label it with `uniultra batch` (it takes a folder of frames)")
         frames = [image_array(f, f"--clip {args.clip} frame {i}")
                   for i, f in enumerate(read_frames(args.clip, axis=args.axis))]
         ids = [f"frame_{i:04d}" for i in range(len(frames))]
@@ -385,6 +398,8 @@ def cmd_propagate(args) -> int:
             if r["id"] not in index:
                 raise InputError(f"{ppath} line {line}: frame id {r['id']!r} is not in {fpath}")
             key_boxes.setdefault(index[r["id"]], []).append(_row_box(r, ppath, line))
+    _same_size(frames, [f"--clip {args.clip} frame {i}" for i in range(len(frames))] if args.clip
+               else [f"{fpath} line {line}: image {p}" for line, p in enumerate(paths, start=2)])
     inputs = [Path(args.clip)] if args.clip else [Path(args.frames), Path(args.prompts), *paths]
     _refuse_overwrite(Path(args.out_dir), [f"{fid}.png" for fid in ids], inputs,
                       "--clip" if args.clip else f"--frames {args.frames}")

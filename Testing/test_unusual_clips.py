@@ -1,0 +1,223 @@
+"""Valid but unusual cine clips, volumes and frame lists through `uniultra propagate` and
+`uniultra batch`: each works (right frame count, masks of the frame size, outputs named as
+documented) or, when it cannot be used, is one line ``uniultra: error: ...`` naming the input and
+what to do, exit status 2, no output.  Small synthetic files only; the tiny random model (fast)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from cli_errors import assert_one_clean_line
+from PIL import Image
+
+from uniultra.cli import main
+from uniultra.data.io import write_seq_nrrd
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _grey(h=48, w=64, seed=0):
+    return (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
+
+
+def _masks(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def _dicom_cine(path, n=3, h=48, w=64):
+    """A small multi-frame MONOCHROME2 DICOM (as an ultrasound cine), written without extension."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = h, w, n
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.stack([_grey(h, w, i) for i in range(n)]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ------------------------------------------------------------------------------ propagate --clip
+@pytest.mark.parametrize("kind", ["one.seq.nrrd", "two.seq.nrrd", "rgb.seq.nrrd", "anim.gif", "pages.tif",
+                                  "t4.nii.gz", "vol.nii.gz"])
+def test_unusual_clips_propagate_to_one_mask_per_frame(capsys, ckpt, tmp_path, kind):
+    """1- and 2-frame sequences, a colour sequence, an animated GIF, a multi-page TIFF, a 4D NIfTI
+    with a singleton slice axis and an anisotropic 3D NIfTI: one mask per frame, of the frame size
+    (64x48), the key frame the last one, and a box partly outside the image clipped to it."""
+    n = {"one.seq.nrrd": 1, "two.seq.nrrd": 2}.get(kind, 4)
+    frames = [_grey(seed=i) for i in range(n)]
+    path = tmp_path / kind
+    if kind.endswith(".seq.nrrd"):
+        write_seq_nrrd(path, [np.stack([f] * 3, -1) for f in frames] if kind == "rgb.seq.nrrd" else frames)
+    elif kind in ("anim.gif", "pages.tif"):
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:])
+    else:
+        a = np.stack(frames)[:, None] if kind == "t4.nii.gz" else np.stack(frames)  # [t, k=1, j, i] or [k, j, i]
+        img = sitk.GetImageFromArray(a, isVector=False)
+        img.SetSpacing((0.3, 0.5, 2.0, 1.0)[: img.GetDimension()])
+        sitk.WriteImage(img, str(path))
+    code, out, err = run(capsys, "propagate", "--clip", path, "--frame", n - 1, "--box", -10, 5, 40, 30,
+                         "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    masks = _masks(tmp_path / "out")
+    assert list(masks) == [f"frame_{i:04d}.png" for i in range(n)]
+    assert all(m.shape == (48, 64) for m in masks.values())
+    assert f"{n} masks written" in out
+
+
+def test_clip_folder_names_the_ways_to_label_it(capsys, ckpt, tmp_path):
+    """A folder of frames given to --clip said "it is a folder; pass an image file": it names the
+    --frames CSV and `uniultra batch`, which take one."""
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(_grey()).save(tmp_path / "frames" / "0.png")
+    code, _, err = run(capsys, "propagate", "--clip", tmp_path / "frames", "--frame", 0, "--box", 5, 5, 40, 30,
+                       "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert_one_clean_line(code, err, "is a folder")
+    assert "--frames CSV" in err and "uniultra batch" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_clip_of_pages_of_two_sizes_names_the_clip(capsys, ckpt, tmp_path):
+    """A multi-page TIFF whose pages differ in size said "frame 1 is (60, 80), frame 0 is (48, 64)"
+    (height first, no file, after loading the model): one line naming the clip, width x height."""
+    ims = [Image.fromarray(_grey(48, 64)), Image.fromarray(_grey(60, 80))]
+    ims[0].save(tmp_path / "pages.tif", save_all=True, append_images=ims[1:])
+    code, _, err = run(capsys, "propagate", "--clip", tmp_path / "pages.tif", "--frame", 0, "--box", 5, 5, 40, 30,
+                       "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert_one_clean_line(code, err, "pages.tif frame 1 is 80x60")
+    assert "64x48" in err and "one size" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ propagate --frames
+def test_frames_csv_with_unicode_relative_and_absolute_paths(capsys, ckpt, tmp_path):
+    d = tmp_path / "fr dir ü"
+    (d / "sub ä").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(_grey(seed=i)).save(d / "sub ä" / f"f {i} é.png")
+    (d / "frames.csv").write_text(f"id,image\nfrâme 0,sub ä/f 0 é.png\nf1,sub ä/f 1 é.png\n"
+                                  f"f2,{d / 'sub ä' / 'f 2 é.png'}\n", encoding="utf-8")
+    (d / "prompts.csv").write_text("id,x0,y0,x1,y1\nf2,5,5,40,30\n", encoding="utf-8")
+    code, _, err = run(capsys, "propagate", "--frames", d / "frames.csv", "--prompts", d / "prompts.csv",
+                       "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    masks = _masks(tmp_path / "out")
+    assert sorted(masks) == ["f1.png", "f2.png", "frâme 0.png"]
+    assert all(m.shape == (48, 64) for m in masks.values())
+
+
+def test_frames_csv_of_two_sizes_names_the_line(capsys, ckpt, tmp_path):
+    """Frames of different sizes in a frames CSV said "frame 1 is (60, 80), frame 0 is (48, 64)"
+    after loading the model: one line naming the CSV line and image, width x height."""
+    Image.fromarray(_grey(48, 64)).save(tmp_path / "a.png")
+    Image.fromarray(_grey(60, 80)).save(tmp_path / "b.png")
+    (tmp_path / "frames.csv").write_text("id,image\na,a.png\nb,b.png\n", encoding="utf-8")
+    (tmp_path / "prompts.csv").write_text("id,x0,y0,x1,y1\na,5,5,40,30\n", encoding="utf-8")
+    code, _, err = run(capsys, "propagate", "--frames", tmp_path / "frames.csv", "--prompts",
+                       tmp_path / "prompts.csv", "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert_one_clean_line(code, err, "frames.csv line 3: image")
+    assert "b.png is 80x60" in err and "64x48" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ batch
+def _batch(capsys, tmp_path, ckpt, manifest, *extra):
+    return run(capsys, "batch", manifest, "--out-dir", tmp_path / "labels", "--model", ckpt, "--device", "cpu",
+               *extra)
+
+
+def test_batch_nifti_volume_keeps_its_anisotropic_spacing(capsys, ckpt, tmp_path):
+    """A NIfTI volume's spacing (0.3 x 0.5 mm, 2 mm slices) was written as 1 x 1 mm into the
+    .seg.nrrd, .seq.nrrd and clip.json: the masks did not overlay the volume in Slicer.  Along
+    numpy axis 1 the frames are i (0.3) by k (2.0)."""
+    img = sitk.GetImageFromArray(np.stack([_grey(seed=i) for i in range(5)]))
+    img.SetSpacing((0.3, 0.5, 2.0))
+    sitk.WriteImage(img, str(tmp_path / "vol.nii.gz"))
+    (tmp_path / "clips.csv").write_text("name,clip,frame,structure,x0,y0,x1,y1,axis\n"
+                                        "k,vol.nii.gz,4,A,5,5,40,30,0\nj,vol.nii.gz,2,A,5,1,40,3,1\n")
+    code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv")
+    assert code == 0, err
+    for name, spacing, frames in (("k", [0.3, 0.5], 5), ("j", [0.3, 2.0], 48)):
+        meta = json.loads((tmp_path / "labels" / name / "clip.json").read_text())
+        assert meta["frames"] == frames
+        assert np.allclose(meta["spacing"], spacing)
+        for f in (f"{name}.seg.nrrd", f"{name}.seq.nrrd"):
+            sp = sitk.ReadImage(str(tmp_path / "labels" / name / f)).GetSpacing()[:2]
+            assert np.allclose(sp, spacing, atol=1e-6), (f, sp)
+
+
+def test_batch_takes_names_in_any_language(capsys, ckpt, tmp_path):
+    """A clip file 'écho 1.seq.nrrd' (its output name taken from it) and a structure 'Gefäß' were
+    refused as names "(letters, digits, ...)" although they are letters: they are used as is."""
+    write_seq_nrrd(tmp_path / "écho 1.seq.nrrd", [_grey(seed=i) for i in range(2)])
+    (tmp_path / "clips.csv").write_text("clip,frame,structure,x0,y0,x1,y1\nécho 1.seq.nrrd,0,Gefäß,5,5,40,30\n",
+                                        encoding="utf-8")
+    code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv", "--png")
+    assert code == 0, err
+    out = tmp_path / "labels" / "écho 1"
+    assert (out / "écho 1.seg.nrrd").is_file()
+    assert sorted(p.name for p in (out / "png" / "Gefäß").iterdir()) == ["frame_0000.png", "frame_0001.png"]
+    assert "Segment0_Name:=Gefäß" in (out / "écho 1.seg.nrrd").read_bytes()[:4000].decode("utf-8", "replace")
+
+
+def test_batch_names_that_leave_the_folder_are_still_refused(capsys, ckpt, tmp_path):
+    write_seq_nrrd(tmp_path / "a.seq.nrrd", [_grey()])
+    (tmp_path / "clips.csv").write_text("clip,frame,structure,x0,y0,x1,y1\na.seq.nrrd,0,B/C,5,5,40,30\n")
+    code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv")
+    assert_one_clean_line(code, err, "structure 'B/C' cannot be used as a file name")
+    assert not (tmp_path / "labels").exists()
+
+
+def test_batch_folder_of_clips_takes_a_dicom_without_extension(capsys, ckpt, tmp_path):
+    """DICOM files from a PACS export have no extension ('IM0001'): a folder of clips skipped
+    them silently, and a prompts row naming one said it "is not in" the folder."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    _dicom_cine(clips / "IM0001")
+    write_seq_nrrd(clips / "b.seq.nrrd", [_grey()])
+    (clips / "notes.txt").write_text("not a clip")
+    (tmp_path / "prompts.csv").write_text("clip,frame,structure,x0,y0,x1,y1\n*,0,A,5,5,40,30\n")
+    code, _, err = run(capsys, "batch", clips, "--prompts", tmp_path / "prompts.csv", "--out-dir",
+                       tmp_path / "labels", "--model", ckpt, "--device", "cpu")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "labels" / "IM0001" / "clip.json").read_text())
+    assert (meta["frames"], meta["width"], meta["height"]) == (3, 64, 48)
+    assert not (tmp_path / "labels" / "notes.txt").exists()
+
+
+def test_batch_folder_of_frames_of_two_sizes_names_the_file(capsys, ckpt, tmp_path):
+    """A folder of frames of two sizes failed with "frame 1 is 80x60, frame 0 is 64x48": the clip
+    fails naming the odd file and what to do; the other clips are labelled."""
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(_grey(48, 64)).save(tmp_path / "mixed" / "f0.png")
+    Image.fromarray(_grey(60, 80)).save(tmp_path / "mixed" / "f1.png")
+    write_seq_nrrd(tmp_path / "ok.seq.nrrd", [_grey()])
+    (tmp_path / "clips.csv").write_text("name,clip,frame,structure,x0,y0,x1,y1\nmixed,mixed,0,A,5,5,40,30\n"
+                                        "ok,ok.seq.nrrd,0,A,5,5,40,30\n")
+    code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv")
+    assert code != 0
+    assert "Traceback" not in err
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "labels" / "summary.csv", encoding="utf-8"))}
+    assert rows["ok"]["status"] == "done" and rows["mixed"]["status"] == "failed"
+    assert re.search(r"f1\.png is 80x60, but .*f0\.png is 64x48", rows["mixed"]["error"])
+    assert "resize or crop" in rows["mixed"]["error"]
+    assert not (tmp_path / "labels" / "mixed").exists()
