@@ -108,6 +108,28 @@ def test_clip_of_pages_of_two_sizes_names_the_clip(capsys, ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["clip", "csv"])
+def test_key_box_outside_names_the_box_before_the_model_loads(capsys, tmp_path, where):
+    """A key box wholly outside the frame said "box on frame 1 ..." (the frame's index, not the
+    prompts CSV line or --box) after loading the model: one line naming it, before any loading
+    (here the model does not even exist)."""
+    write_seq_nrrd(tmp_path / "c.seq.nrrd", [_grey(seed=i) for i in range(2)])
+    if where == "clip":
+        argv = ["--clip", tmp_path / "c.seq.nrrd", "--frame", 1, "--box", 100, 100, 200, 200]
+        expected = "--box (100, 100, 200, 200) lies outside the 64x48 image"
+    else:
+        for i in range(2):
+            Image.fromarray(_grey(seed=i)).save(tmp_path / f"{i}.png")
+        (tmp_path / "frames.csv").write_text("id,image\nfrâme a,0.png\nb,1.png\n", encoding="utf-8")
+        (tmp_path / "prompts.csv").write_text("id,x0,y0,x1,y1\nb,100,100,200,200\n")
+        argv = ["--frames", tmp_path / "frames.csv", "--prompts", tmp_path / "prompts.csv"]
+        expected = "prompts.csv line 2: box (100, 100, 200, 200) lies outside the 64x48 image"
+    code, _, err = run(capsys, "propagate", *argv, "--model", tmp_path / "missing.pt", "--device", "cpu",
+                       "--out-dir", tmp_path / "out")
+    assert_one_clean_line(code, err, expected)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------ propagate --frames
 def test_frames_csv_with_unicode_relative_and_absolute_paths(capsys, ckpt, tmp_path):
     d = tmp_path / "fr dir ü"
@@ -145,15 +167,16 @@ def _batch(capsys, tmp_path, ckpt, manifest, *extra):
                *extra)
 
 
-def test_batch_nifti_volume_keeps_its_anisotropic_spacing(capsys, ckpt, tmp_path):
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_batch_volume_keeps_its_anisotropic_spacing(capsys, ckpt, tmp_path, ext):
     """A NIfTI volume's spacing (0.3 x 0.5 mm, 2 mm slices) was written as 1 x 1 mm into the
     .seg.nrrd, .seq.nrrd and clip.json: the masks did not overlay the volume in Slicer.  Along
-    numpy axis 1 the frames are i (0.3) by k (2.0)."""
+    numpy axis 1 the frames are i (0.3) by k (2.0) (a NRRD volume said 0.3 by 0.5)."""
     img = sitk.GetImageFromArray(np.stack([_grey(seed=i) for i in range(5)]))
     img.SetSpacing((0.3, 0.5, 2.0))
-    sitk.WriteImage(img, str(tmp_path / "vol.nii.gz"))
+    sitk.WriteImage(img, str(tmp_path / f"vol{ext}"))
     (tmp_path / "clips.csv").write_text("name,clip,frame,structure,x0,y0,x1,y1,axis\n"
-                                        "k,vol.nii.gz,4,A,5,5,40,30,0\nj,vol.nii.gz,2,A,5,1,40,3,1\n")
+                                        f"k,vol{ext},4,A,5,5,40,30,0\nj,vol{ext},2,A,5,1,40,3,1\n")
     code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv")
     assert code == 0, err
     for name, spacing, frames in (("k", [0.3, 0.5], 5), ("j", [0.3, 2.0], 48)):

@@ -402,9 +402,12 @@ def _frame_files(files) -> list[np.ndarray]:
     return frames
 
 
+_AXIS_XY = {0: (0, 1), 1: (0, 2), 2: (1, 2)}  # volume axes (i, j, k) along x, y of frames sliced along numpy axis
+
+
 def _spacing(p: Path, axis: int = 0) -> tuple[float, float]:
     """Pixel spacing (x, y) of a clip file as Slicer's UniUltra module loads it; 1 mm when unknown.
-    ``axis``: the numpy axis a 3D NIfTI/MHA volume is sliced along (read_frames)."""
+    ``axis``: the numpy axis a 3D NIfTI, MHA or NRRD volume is sliced along (read_frames)."""
     name = p.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz", ".mha", ".mhd")):
@@ -413,17 +416,18 @@ def _spacing(p: Path, axis: int = 0) -> tuple[float, float]:
             r = sitk.ImageFileReader()
             r.SetFileName(str(p))
             r.ReadImageInformation()
-            sp = r.GetSpacing()  # (i, j, k, ...); frames are [j, i] (axis 0), [k, i] (1) or [k, j] (2)
-            if len(sp) == 2 or r.GetDimension() == 4:
-                return (sp[0], sp[1])
-            return {0: (sp[0], sp[1]), 1: (sp[0], sp[2]), 2: (sp[1], sp[2])}[axis % 3]
+            sp = r.GetSpacing()  # (i, j, k, ...)
+            return tuple(sp[d] for d in _AXIS_XY[axis % 3]) if len(sp) == 3 else (sp[0], sp[1])
         if name.endswith((".nrrd", ".nhdr")):
             from uniultra.data.io import read_nrrd_header
 
             fields, _ = read_nrrd_header(p)
             vecs = re.findall(r"\(([^)]*)\)", fields.get("space directions", ""))
-            if len(vecs) >= 2:
-                return tuple(float(np.linalg.norm([float(x) for x in v.split(",")])) for v in vecs[:2])
+            sp = [float(np.linalg.norm([float(x) for x in v.split(",")])) for v in vecs]  # (i, j, k)
+            if len(sp) == 3 and "list" not in fields.get("kinds", "").lower().split():  # a volume: read_frames
+                return tuple(sp[d] for d in _AXIS_XY[axis % 3])
+            if len(sp) >= 2:
+                return (sp[0], sp[1])
         elif name.endswith((".dcm", ".dicom")) or (not name.endswith(CLIP_EXT) and p.is_file()):
             import pydicom
 

@@ -365,6 +365,7 @@ def cmd_propagate(args) -> int:
     from uniultra.checks import image_array
     from uniultra.data.io import read_frames, write_mask_png
     from uniultra.inference import propagate, propagate_memory
+    from uniultra.inference.predictor import check_box
 
     check_output_dir(args.out_dir, "--out-dir", inputs=[args.clip, args.frames, args.prompts])
     if args.clip:
@@ -379,7 +380,8 @@ def cmd_propagate(args) -> int:
         ids = [f"frame_{i:04d}" for i in range(len(frames))]
         if not (0 <= args.frame < len(frames)):
             raise InputError(f"--frame {args.frame} is outside the clip {args.clip} (frames 0..{len(frames) - 1})")
-        key_boxes = {args.frame: [box_corners(b, "--box") for b in args.box]}
+        key_boxes = {args.frame: [check_box(box_corners(b, "--box"), frames[args.frame].shape[:2], "--box")
+                                  for b in args.box]}
     else:
         if not args.frames or not args.prompts:
             raise InputError("give --frames FRAMES.csv --prompts PROMPTS.csv, or --clip FILE --frame K --box ...")
@@ -397,7 +399,9 @@ def cmd_propagate(args) -> int:
         for line, r in enumerate(_read_csv(ppath, ["id", "x0", "y0", "x1", "y1"]), start=2):
             if r["id"] not in index:
                 raise InputError(f"{ppath} line {line}: frame id {r['id']!r} is not in {fpath}")
-            key_boxes.setdefault(index[r["id"]], []).append(_row_box(r, ppath, line))
+            k = index[r["id"]]
+            key_boxes.setdefault(k, []).append(check_box(_row_box(r, ppath, line), frames[k].shape[:2],
+                                                         f"{ppath} line {line}: box"))
     _same_size(frames, [f"--clip {args.clip} frame {i}" for i in range(len(frames))] if args.clip
                else [f"{fpath} line {line}: image {p}" for line, p in enumerate(paths, start=2)])
     inputs = [Path(args.clip)] if args.clip else [Path(args.frames), Path(args.prompts), *paths]
