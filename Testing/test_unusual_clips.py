@@ -16,7 +16,7 @@ from cli_errors import assert_one_clean_line
 from PIL import Image
 
 from uniultra.cli import main
-from uniultra.data.io import write_seq_nrrd
+from uniultra.data.io import read_frames, write_seq_nrrd
 
 
 def run(capsys, *argv):
@@ -244,3 +244,20 @@ def test_batch_folder_of_frames_of_two_sizes_names_the_file(capsys, ckpt, tmp_pa
     assert re.search(r"f1\.png is 80x60, but .*f0\.png is 64x48", rows["mixed"]["error"])
     assert "resize or crop" in rows["mixed"]["error"]
     assert not (tmp_path / "labels" / "mixed").exists()
+
+
+def test_batch_save_frames_of_grey_and_colour_frames(capsys, ckpt, tmp_path):
+    """A folder of frames saved partly grey, partly RGB (and 16-bit) labelled fine, but with
+    --save-frames the clip failed with "ValueError: all input arrays must have the same shape":
+    the frames sequence is written as colour."""
+    g = _grey()
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(g).save(tmp_path / "mixed" / "f0.png")
+    Image.fromarray(np.stack([g] * 3, -1)).save(tmp_path / "mixed" / "f1.png")
+    Image.fromarray(g.astype(np.uint16) * 200).save(tmp_path / "mixed" / "f2.png")
+    (tmp_path / "clips.csv").write_text("name,clip,frame,structure,x0,y0,x1,y1\nm,mixed,0,A,5,5,40,30\n")
+    code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv", "--save-frames")
+    assert code == 0, err
+    saved = read_frames(tmp_path / "labels" / "m" / "m_frames.seq.nrrd")
+    assert [f.shape for f in saved] == [(48, 64, 3)] * 3
+    assert np.array_equal(saved[0][..., 2], g) and np.array_equal(saved[2][..., 0], g.astype(np.uint16) * 200)

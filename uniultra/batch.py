@@ -646,6 +646,9 @@ def write_clip(dest: Path, job: ClipJob, frames, spacing, masks, rows, meta: dic
     write_label_sequence_nrrd(dest / f"{job.name}.seq.nrrd", masks, names, hw, spacing)
     if opts.save_frames:
         same = all(f.dtype == frames[0].dtype and f.shape == frames[0].shape for f in frames)
+        if not same:  # one dtype, and grey frames as RGB when some are colour (a folder of mixed PNGs)
+            rgb = any(f.ndim == 3 for f in frames)
+            frames = [np.stack([f] * 3, -1) if rgb and f.ndim == 2 else f for f in frames]
         write_seq_nrrd(dest / f"{job.name}_frames.seq.nrrd", frames if same else [f.astype(np.float32) for f in frames],
                        spacing)
     if opts.png:
