@@ -84,6 +84,24 @@ def test_unusual_clips_propagate_to_one_mask_per_frame(capsys, ckpt, tmp_path, k
     assert f"{n} masks written" in out
 
 
+@pytest.mark.parametrize("kind", ["c.seq.nrrd", "c.gif", "IM0001"])
+def test_slice_axis_on_a_cine_is_refused_not_ignored(capsys, ckpt, tmp_path, kind):
+    """--axis 1 on a cine (sequence, GIF, DICOM) was silently ignored: the frames were labelled
+    in time order as if it had not been given.  It applies to 3D volumes only: one line."""
+    frames = [_grey(seed=i) for i in range(3)]
+    if kind == "c.seq.nrrd":
+        write_seq_nrrd(tmp_path / kind, frames)
+    elif kind == "c.gif":
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(tmp_path / kind, save_all=True, append_images=ims[1:])
+    else:
+        _dicom_cine(tmp_path / kind)
+    code, _, err = run(capsys, "propagate", "--clip", tmp_path / kind, "--axis", 1, "--frame", 0, "--box", 5, 5, 40, 30,
+                       "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert_one_clean_line(code, err, f"slice axis 1 applies to 3D volumes, and '{tmp_path / kind}' is a cine")
+    assert not (tmp_path / "out").exists()
+
+
 def test_clip_folder_names_the_ways_to_label_it(capsys, ckpt, tmp_path):
     """A folder of frames given to --clip said "it is a folder; pass an image file": it names the
     --frames CSV and `uniultra batch`, which take one."""

@@ -390,6 +390,15 @@ def read_image(path) -> np.ndarray:
     raise InputError(f"cannot read image '{p}': unsupported file type '{ext or p.name}'; use {SUPPORTED}")
 
 
+def _cine(p: Path, frames: list[np.ndarray], axis: int) -> list[np.ndarray]:
+    """``frames`` of a cine or 2D image, refused when a slice axis other than 0 was asked for:
+    it applies to 3D volumes only (ignoring it would label the frames as they are, silently)."""
+    if axis != 0:
+        raise InputError(f"slice axis {axis} applies to 3D volumes, and '{p}' is a cine or 2D image "
+                         f"({len(frames)} frame(s) in time order): leave the axis out")
+    return frames
+
+
 def read_frames(path, axis: int = 0) -> list[np.ndarray]:
     """Read a cine / volume file -> list of 2D frames (see the module doc for the rules).
 
@@ -399,9 +408,9 @@ def read_frames(path, axis: int = 0) -> list[np.ndarray]:
     ext = _ext(p)
     if ext in DICOM_EXT or (ext not in PIL_EXT + ITK_EXT + (".seq.nrrd",) and _is_dicom(p)):
         a = _dicom_frames_array(p)
-        return [np.ascontiguousarray(f) for f in a]
+        return _cine(p, [np.ascontiguousarray(f) for f in a], axis)
     if ext in PIL_EXT:
-        return _read_pil(p, pages=True)
+        return _cine(p, _read_pil(p, pages=True), axis)
     if ext in (".nrrd", ".seq.nrrd", ".nhdr"):
         try:
             frames = _frames_from_nrrd(p, axis)
@@ -410,19 +419,22 @@ def read_frames(path, axis: int = 0) -> list[np.ndarray]:
         except Exception:
             frames = None
         if frames is not None:
-            return frames
+            return _cine(p, frames, axis)
     if ext in ITK_EXT or ext in (".seq.nrrd", ".seg.nrrd"):
         a, info = read_itk(p)
         comp = info["components"] > 1
         spatial_nd = a.ndim - (1 if comp else 0)
-        if spatial_nd == 4:  # e.g. 4D NIfTI [t, k, j, i]: frames over t of single-slice volumes
+        four_d = spatial_nd == 4
+        if four_d:  # e.g. 4D NIfTI [t, k, j, i]: frames over t of single-slice volumes
             if a.shape[1] == 1:
                 a = a[:, 0]
                 spatial_nd = 3
             else:
                 raise InputError(f"cannot read '{p}' as 2D frames: it is a 4D volume {a.shape}; use a 3D volume")
         if spatial_nd == 2:
-            frames = [a]
+            frames = _cine(p, [a], axis)
+        elif four_d:
+            frames = _cine(p, list(a), axis)
         else:
             if not -3 <= axis < 3:
                 raise InputError(f"slice axis {axis} is invalid for '{p}'; use 0, 1 or 2")
@@ -434,7 +446,7 @@ def read_frames(path, axis: int = 0) -> list[np.ndarray]:
         if comp:
             frames = [f[..., :3] if f.shape[-1] == 4 else f for f in frames]
         return [np.ascontiguousarray(f) for f in frames]
-    return [read_image(p)]
+    return _cine(p, [read_image(p)], axis)
 
 
 # ---------------------------------------------------------------------------------------------
