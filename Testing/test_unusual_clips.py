@@ -165,6 +165,21 @@ def test_frames_csv_with_unicode_relative_and_absolute_paths(capsys, ckpt, tmp_p
     assert all(m.shape == (48, 64) for m in masks.values())
 
 
+@pytest.mark.parametrize("image", ["missing.png", "cine.seq.nrrd"])
+def test_frames_csv_row_with_an_unusable_image_names_the_line(capsys, ckpt, tmp_path, image):
+    """A frames CSV row whose image is missing or is itself a cine said only "cannot read
+    'missing.png'" / "'cine.seq.nrrd' is a sequence": in a long CSV, which row?  It names the line."""
+    Image.fromarray(_grey()).save(tmp_path / "a.png")
+    write_seq_nrrd(tmp_path / "cine.seq.nrrd", [_grey(seed=i) for i in range(2)])
+    (tmp_path / "frames.csv").write_text(f"id,image\na,a.png\nb,{image}\n", encoding="utf-8")
+    (tmp_path / "prompts.csv").write_text("id,x0,y0,x1,y1\na,5,5,40,30\n", encoding="utf-8")
+    code, _, err = run(capsys, "propagate", "--frames", tmp_path / "frames.csv", "--prompts",
+                       tmp_path / "prompts.csv", "--model", ckpt, "--device", "cpu", "--out-dir", tmp_path / "out")
+    assert_one_clean_line(code, err, "frames.csv line 3: image")
+    assert image in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_frames_csv_of_two_sizes_names_the_line(capsys, ckpt, tmp_path):
     """Frames of different sizes in a frames CSV said "frame 1 is (60, 80), frame 0 is (48, 64)"
     after loading the model: one line naming the CSV line and image, width x height."""

@@ -178,7 +178,11 @@ def _checked_image(path, name: str):
     from uniultra.checks import image_array
     from uniultra.data.io import read_image
 
-    return image_array(read_image(path), f"{name} {path}")
+    try:
+        image = read_image(path)
+    except InputError as e:  # missing, unreadable, a cine: say which row of which CSV names it
+        raise InputError(f"{name}: {e}") from None
+    return image_array(image, f"{name} {path}")
 
 
 # ------------------------------------------------------------------------------ commands
