@@ -12,21 +12,11 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from cli_errors import assert_one_clean_line
+from cli_errors import assert_one_clean_line, run
+from cli_errors import grey as _grey
 from PIL import Image
 
-from uniultra.cli import main
 from uniultra.data.io import read_frames, write_seq_nrrd
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _grey(h=48, w=64, seed=0):
-    return (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
 
 
 def _masks(folder):
