@@ -752,7 +752,7 @@ class _Progress:
         self.done_clips += 1
         self.frames += frames
         eta = self.eta()
-        line = (f"[{self.done_clips}/{self.total}] {name}: {status}" + (f", {frames} frames in {seconds:.1f} s" if frames else "")
+        line = (f"[{self.done_clips}/{self.total}] {name}: {status}" + (f", {frames} frame{'s' if frames != 1 else ''} in {seconds:.1f} s" if frames else "")
                 + (f"; ETA {_hms(eta)}" if eta is not None and self.done_clips < self.total else ""))
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
@@ -884,7 +884,7 @@ def _run_one(j: ClipJob, out_dir: Path, predictor, opts: Options, fp: str, since
             seconds = time.monotonic() - t0
             warnings = _warnings(j, rows, len(frames))
             meta = {"name": j.name, "clip": j.clip, "frames": len(frames), "height": frames[0].shape[0],
-                    "width": frames[0].shape[1], "spacing": list(spacing), "fingerprint": fp,
+                    "width": frames[0].shape[1], "spacing": [float(f"{v:.6g}") for v in spacing], "fingerprint": fp,
                     "structures": [{"name": s, "label": i + 1, "segment_id": f"Segment_{i + 1}",
                                     "key_frames": sorted({p.frame for p in ps}),
                                     "frames_with_mask": sum(m is not None and bool(m.any()) for m in masks[i])}
