@@ -247,21 +247,20 @@ def _saved_prior(name: str) -> str | None:
     model's weights are not a UniUltra checkpoint here (an architecture, a wheel, Meta's file)."""
     from uniultra.models import resolve_model
     from uniultra.models.checkpoint import read_checkpoint
-    from uniultra.models.prior import parse_prior, prior_spec
+    from uniultra.models.prior import checkpoint_prior, parse_prior, prior_spec
 
     try:
         entry, path = resolve_model(name)
     except (InputError, ValueError):
         return None
     if entry is not None and "box_prior" in entry.extra:  # the registry entry's own way to use the weights
-        return prior_spec(SimpleNamespace(**dict(zip(("box_prior", "box_prior_round"),
-                                                     parse_prior(entry.extra["box_prior"])))))
+        w, r = parse_prior(entry.extra["box_prior"])
+        return prior_spec(SimpleNamespace(box_prior=w, box_prior_round=r))
     if path is None or not path.is_file() or (entry is not None and entry.source != "bundled"
                                               and path.stat().st_size > 200 << 20):
         return None
     info = read_checkpoint(path, entry.sha256 if entry is not None else None).get("uniultra") or {}
-    saved = [info.get("box_prior", 0.0)] + ([info["box_prior_round"]] if info.get("box_prior_round") is not None else [])
-    w, r = parse_prior(saved, f"checkpoint {path}: box_prior")
+    w, r = checkpoint_prior(info, path)
     return prior_spec(SimpleNamespace(box_prior=w, box_prior_round=r))
 
 

@@ -218,11 +218,9 @@ def _from_checkpoint(ckpt: dict, name_or_path: str, entry, path: Path, image_siz
         _load(sam, ckpt["model"], str(path), bool(info.get("image_only")))
         model = _wrap(sam, arch, size, desc, name)
     model.memory_trained = bool(info.get("memory_trained", False))
-    from uniultra.models.prior import check_weight
+    from uniultra.models.prior import checkpoint_prior
 
-    model.box_prior = check_weight(info.get("box_prior", 0.0), f"checkpoint {path}: box_prior")
-    r = info.get("box_prior_round")
-    model.box_prior_round = None if r is None else check_weight(r, f"checkpoint {path}: box_prior_round")
+    model.box_prior, model.box_prior_round = checkpoint_prior(info, path)
     if peft is not None and (peft != desc["method"] or peft == "ch-adapter"):
         # fine-tuning a trained model: its own adapters are kept, the method's freezing rules apply
         adapt(model.sam, peft, scope, **options)

@@ -114,10 +114,23 @@ def parse_prior(spec, source: str = "--box-prior") -> tuple[float, float | None]
     return w, (check_weight(parts[1], source) if len(parts) == 2 else None)
 
 
+def format_prior(weight: float, round_weight: float | None) -> str:
+    """``(W, R)`` as ``--box-prior`` takes it: ``"W"`` without R, else ``"W,R"``."""
+    return f"{weight:g}" if round_weight is None else f"{weight:g},{round_weight:g}"
+
+
 def prior_spec(model) -> str:
     """The model's prior as ``--box-prior`` takes it (``"8"``, ``"8,16"``, ``"0"``)."""
     w, r = float(getattr(model, "box_prior", 0.0)), getattr(model, "box_prior_round", None)
-    return f"{w:g}" if r is None or float(r) == w else f"{w:g},{float(r):g}"
+    return format_prior(w, None if r is None or float(r) == w else float(r))
+
+
+def checkpoint_prior(info: dict, path) -> tuple[float, float | None]:
+    """``(W, R or None)`` saved in a UniUltra checkpoint's ``info`` (0 when it has none), each
+    checked with an error naming the checkpoint and the key."""
+    w = check_weight(info.get("box_prior", 0.0), f"checkpoint {path}: box_prior")
+    r = info.get("box_prior_round")
+    return w, (None if r is None else check_weight(r, f"checkpoint {path}: box_prior_round"))
 
 
 def set_prior(model, spec, source: str = "--box-prior") -> None:

@@ -364,5 +364,7 @@ def to_yaml(cfg) -> str:
 
 def _prior_value(wr: tuple[float, float | None]) -> float | str:
     """A parsed ``--box-prior`` as the config stores it: W (a number, as before), or "W,R"."""
+    from uniultra.models.prior import format_prior
+
     w, r = wr
-    return w if r is None else f"{w:g},{r:g}"
+    return w if r is None else format_prior(w, r)
