@@ -206,9 +206,105 @@ def test_batch_volume_keeps_its_anisotropic_spacing(capsys, ckpt, tmp_path, ext)
         meta = json.loads((tmp_path / "labels" / name / "clip.json").read_text())
         assert meta["frames"] == frames
         assert meta["spacing"] == spacing  # written as 6 significant digits, not 0.30000001192092896
-        for f in (f"{name}.seg.nrrd", f"{name}.seq.nrrd"):
-            sp = sitk.ReadImage(str(tmp_path / "labels" / name / f)).GetSpacing()[:2]
-            assert np.allclose(sp, spacing, atol=1e-6), (f, sp)
+        sp = sitk.ReadImage(str(tmp_path / "labels" / name / f"{name}.seq.nrrd")).GetSpacing()[:2]
+        assert np.allclose(sp, spacing, atol=1e-6), sp  # the sequence: frame geometry
+        seg = sitk.ReadImage(str(tmp_path / "labels" / name / f"{name}.seg.nrrd"))
+        assert np.allclose(seg.GetSpacing(), (0.3, 0.5, 2.0), atol=1e-6)  # the segmentation: the volume's grid
+        assert seg.GetSize() == (64, 48, 5)
+
+
+def _oblique_volume(path, shape=(6, 7, 9)):
+    """A small [k, j, i] volume with a rotated direction, an origin off zero and anisotropic spacing."""
+    img = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, shape).astype(np.uint8))
+    img.SetSpacing((0.4, 0.7, 1.9))
+    img.SetOrigin((-31.5, 12.25, 80.0))
+    c, s = np.cos(0.5), np.sin(0.5)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array([[1.0, 0.0, 0.0], [0, 0, -1], [0, 1, 0]])
+    img.SetDirection(tuple(rot.ravel()))
+    sitk.WriteImage(img, str(path))
+    return shape
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_batch_segmentation_of_a_volume_overlays_the_volume_in_slicer(tmp_path, axis):
+    """Slices of an oblique NIfTI volume (origin off zero, rotated axes): the .seg.nrrd was written
+    with origin 0 and frames as k whatever the axis, so in Slicer it lay away from the volume.  Now
+    both are read with slicer-core and every segment voxel lands on the volume voxel it labels."""
+    slicer = pytest.importorskip("slicer")
+    import vtk
+    from mrml_fixtures import mrml_context
+    from vtk.util import numpy_support
+
+    from uniultra.batch import _volume_geometry
+    from uniultra.data.slicer_nrrd import write_segmentation_nrrd
+
+    vol = tmp_path / "vol.nii.gz"
+    shape = _oblique_volume(vol)
+    frames = read_frames(vol, axis=axis)
+    assert len(frames) == shape[axis]
+    rng = np.random.default_rng(axis)
+    masks = [rng.random(f.shape[:2]) < 0.3 for f in frames]  # structure 0, frame by frame
+    expected = np.zeros(shape, bool)  # where each frame's mask lies in the volume's [k, j, i]
+    for f, m in enumerate(masks):
+        index = [slice(None)] * 3
+        index[axis] = f
+        expected[tuple(index)] = m
+    geometry = _volume_geometry(vol, axis, frames)
+    assert geometry is not None
+    write_segmentation_nrrd(tmp_path / "v.seg.nrrd", [masks], ["A"], frames[0].shape[:2], volume=geometry)
+
+    ctx = next(mrml_context())
+    volume = slicer.vtkMRMLScalarVolumeNode()
+    ctx.scene.AddNode(volume)
+    vs = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    ctx.scene.AddNode(vs)
+    vs.SetFileName(str(vol))
+    assert vs.ReadData(volume)
+    seg = slicer.vtkMRMLSegmentationNode()
+    ctx.scene.AddNode(seg)
+    ss = slicer.vtkMRMLSegmentationStorageNode()
+    ctx.scene.AddNode(ss)
+    ss.SetFileName(str(tmp_path / "v.seg.nrrd"))
+    assert ss.ReadData(seg)
+    lm = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        seg, seg.GetSegmentation().GetNthSegmentID(0), lm)
+    e = lm.GetExtent()
+    arr = numpy_support.vtk_to_numpy(lm.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    k, j, i = np.nonzero(arr)
+    ijk = np.stack([i + e[0], j + e[2], k + e[4], np.ones_like(i)]).astype(float)
+    m = vtk.vtkMatrix4x4()
+    lm.GetImageToWorldMatrix(m)  # segment voxel -> RAS
+    to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    volume.GetRASToIJKMatrix(m)
+    to_vol = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    at = to_vol @ to_ras @ ijk
+    assert np.allclose(at, np.round(at), atol=1e-3)  # on the volume's voxel centres
+    got = np.zeros(shape, bool)
+    vi, vj, vk = np.round(at[:3]).astype(int)
+    got[vk, vj, vi] = True
+    assert got.sum() == expected.sum() > 0
+    assert np.array_equal(got, expected)
+
+
+def test_batch_writes_the_volume_geometry_it_used(capsys, ckpt, tmp_path):
+    """clip.json says on which grid the .seg.nrrd lies; a cine keeps the frame geometry (no volume)."""
+    _oblique_volume(tmp_path / "vol.nii.gz")
+    write_seq_nrrd(tmp_path / "cine.seq.nrrd", [_grey(seed=i) for i in range(2)])
+    (tmp_path / "clips.csv").write_text("name,clip,frame,structure,x0,y0,x1,y1,axis\n"
+                                        "v,vol.nii.gz,1,A,1,1,5,4,2\nc,cine.seq.nrrd,0,A,5,5,40,30,\n")
+    code, _, err = _batch(capsys, tmp_path, ckpt, tmp_path / "clips.csv")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "labels" / "v" / "clip.json").read_text())
+    assert meta["volume"]["axis"] == 2 and np.allclose(meta["volume"]["origin"], (-31.5, 12.25, 80.0))
+    seg = sitk.ReadImage(str(tmp_path / "labels" / "v" / "v.seg.nrrd"))
+    src = sitk.ReadImage(str(tmp_path / "vol.nii.gz"))
+    assert seg.GetSize() == src.GetSize()
+    for a, b in ((seg.GetOrigin(), src.GetOrigin()), (seg.GetSpacing(), src.GetSpacing()),
+                 (seg.GetDirection(), src.GetDirection())):
+        assert np.allclose(a, b, atol=1e-5)
+    assert json.loads((tmp_path / "labels" / "c" / "clip.json").read_text())["volume"] is None
 
 
 def test_batch_takes_names_in_any_language(capsys, ckpt, tmp_path):

@@ -367,8 +367,9 @@ class Claim:
 
 
 # ============================================================================== one clip
-def read_clip(job: ClipJob) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """Frames of a clip (file, folder of frames or glob) and its pixel spacing (x, y) in mm."""
+def read_clip(job: ClipJob):
+    """Frames of a clip (file, folder of frames or glob), its pixel spacing (x, y) in mm, and the
+    volume's geometry when the frames are slices of a 3D volume (else None)."""
     import glob
 
     from uniultra.data.io import read_frames
@@ -377,15 +378,16 @@ def read_clip(job: ClipJob) -> tuple[list[np.ndarray], tuple[float, float]]:
         files = sorted(glob.glob(job.clip), key=_natural)
         if not files:
             raise InputError(f"no frame files match {job.clip}")
-        return _frame_files(files), (1.0, 1.0)
+        return _frame_files(files), (1.0, 1.0), None
     p = Path(job.clip)
     if p.is_dir():
         files = sorted((f for f in p.iterdir() if f.suffix.lower() in FRAME_EXT and not f.name.startswith(".")),
                        key=lambda f: _natural(f.name))
         if not files:
             raise InputError(f"folder {p} holds no frame images ({', '.join(FRAME_EXT)})")
-        return _frame_files(files), (1.0, 1.0)
-    return read_frames(p, axis=job.axis), _spacing(p, job.axis)
+        return _frame_files(files), (1.0, 1.0), None
+    frames = read_frames(p, axis=job.axis)
+    return frames, _spacing(p, job.axis), _volume_geometry(p, job.axis, frames)
 
 
 def _frame_files(files) -> list[np.ndarray]:
@@ -442,6 +444,38 @@ def _spacing(p: Path, axis: int = 0) -> tuple[float, float]:
     except Exception:  # noqa: BLE001 - spacing is a nicety; the frames were read already
         pass
     return (1.0, 1.0)
+
+
+def _volume_geometry(p: Path, axis: int, frames: list[np.ndarray]):
+    """Where Slicer puts the voxels of ``p`` when the clip's ``frames`` are its slices along numpy
+    ``axis`` of its ``[k, j, i]`` array (a 3D NIfTI, MHA or NRRD volume); None for anything else
+    (cines, DICOM, a volume of one slice read as one image), which keeps the frame geometry."""
+    from uniultra.data.slicer_nrrd import VolumeGeometry
+
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")) or name.endswith(".seq.nrrd"):
+        return None
+    try:
+        import SimpleITK as sitk
+
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(p))
+        r.ReadImageInformation()
+        if r.GetDimension() != 3:
+            return None
+        size = r.GetSize()  # (i, j, k)
+        shape = (size[2], size[1], size[0])
+        a = axis % 3
+        if len(frames) != shape[a] or frames[0].shape[:2] != tuple(shape[d] for d in range(3) if d != a):
+            return None  # not sliced along `axis` (e.g. one slice stored as a volume)
+        d = np.asarray(r.GetDirection(), float).reshape(3, 3)  # column c: LPS direction of index axis c
+        sp = r.GetSpacing()
+        steps = tuple(tuple(float(v) for v in d[:, c] * sp[c]) for c in range(3))
+        if not np.all(np.isfinite(steps)) or abs(np.linalg.det(np.asarray(steps))) < 1e-12:
+            return None
+        return VolumeGeometry(tuple(float(v) for v in r.GetOrigin()), steps, a)
+    except Exception:  # noqa: BLE001 - geometry is a nicety; the frames were read already
+        return None
 
 
 def _tensor_bytes(x) -> int:
@@ -635,14 +669,16 @@ def _warnings(job: ClipJob, rows: list[dict], n: int) -> list[str]:
     return out
 
 
-def write_clip(dest: Path, job: ClipJob, frames, spacing, masks, rows, meta: dict, opts: Options) -> None:
-    """Everything for one clip into the (staging) folder ``dest``; ``clip.json`` last."""
+def write_clip(dest: Path, job: ClipJob, frames, spacing, masks, rows, meta: dict, opts: Options,
+               volume=None) -> None:
+    """Everything for one clip into the (staging) folder ``dest``; ``clip.json`` last.  ``volume``
+    (a :class:`~uniultra.data.slicer_nrrd.VolumeGeometry`): the ``.seg.nrrd`` on that volume's grid."""
     from uniultra.data.io import write_mask_png, write_seq_nrrd
     from uniultra.data.slicer_nrrd import write_label_sequence_nrrd, write_segmentation_nrrd
 
     hw = frames[0].shape[:2]
     names = list(job.structures)
-    write_segmentation_nrrd(dest / f"{job.name}.seg.nrrd", masks, names, hw, spacing)
+    write_segmentation_nrrd(dest / f"{job.name}.seg.nrrd", masks, names, hw, spacing, volume=volume)
     write_label_sequence_nrrd(dest / f"{job.name}.seq.nrrd", masks, names, hw, spacing)
     if opts.save_frames:
         same = all(f.dtype == frames[0].dtype and f.shape == frames[0].shape for f in frames)
@@ -869,7 +905,7 @@ def _run_one(j: ClipJob, out_dir: Path, predictor, opts: Options, fp: str, since
         t0 = time.monotonic()
         emit_event(events, "clip_start", clip=j.name, source=j.clip, structures=list(j.structures))
         try:
-            frames, spacing = read_clip(j)
+            frames, spacing, volume = read_clip(j)
             last = [0.0]
 
             def prog(done, total):
@@ -884,7 +920,10 @@ def _run_one(j: ClipJob, out_dir: Path, predictor, opts: Options, fp: str, since
             seconds = time.monotonic() - t0
             warnings = _warnings(j, rows, len(frames))
             meta = {"name": j.name, "clip": j.clip, "frames": len(frames), "height": frames[0].shape[0],
-                    "width": frames[0].shape[1], "spacing": [float(f"{v:.6g}") for v in spacing], "fingerprint": fp,
+                    "width": frames[0].shape[1], "spacing": [float(f"{v:.6g}") for v in spacing],
+                    "volume": None if volume is None else {"axis": volume.axis, "origin": list(volume.origin),
+                                                           "steps": [list(v) for v in volume.steps]},
+                    "fingerprint": fp,
                     "structures": [{"name": s, "label": i + 1, "segment_id": f"Segment_{i + 1}",
                                     "key_frames": sorted({p.frame for p in ps}),
                                     "frames_with_mask": sum(m is not None and bool(m.any()) for m in masks[i])}
@@ -892,7 +931,7 @@ def _run_one(j: ClipJob, out_dir: Path, predictor, opts: Options, fp: str, since
                     "model": j.model or "default", "engine": engine, "options": asdict(opts),
                     "encoded_frames": encoded, "seconds": round(seconds, 3), "warnings": warnings,
                     "worker": worker, "finished": time.time()}
-            write_clip(stage, j, frames, spacing, masks, rows, meta, opts)
+            write_clip(stage, j, frames, spacing, masks, rows, meta, opts, volume)
         except (Cancelled, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - one bad clip must not stop the others

@@ -20,7 +20,6 @@ effect/pipeline API); `press`/`move`/`release` below are the calls it makes.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -146,7 +145,7 @@ class WebSession:
         self._engines: dict[str, object] = {}
         self._engine_factory = engine_factory
         self.engine_lock = threading.Lock()
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="uniultra-web-"))
+        self.workdir = Path(workdir) if workdir else None  # nothing is written here; the app keeps uploads
         self.loaded: Loaded | None = None
         self.seg_node = None
         self.controller: InteractionController | None = None

@@ -10,7 +10,9 @@
 
 Both use the geometry Slicer gives a loaded 2D frame (``volume_from_frame`` in
 ``UniUltraSegmentLib.sequences`` and :func:`uniultra.data.io.write_seq_nrrd`): LPS space, pixel
-spacing ``(sx, sy)``, origin 0, so they overlay frames loaded by UniUltra in Slicer.  The layout
+spacing ``(sx, sy)``, origin 0, so they overlay frames loaded by UniUltra in Slicer.  When the
+frames are slices of a 3D volume (NIfTI, MHA, NRRD), the ``.seg.nrrd`` is written on that
+volume's own voxel grid instead (:class:`VolumeGeometry`), so it overlays the volume.  The layout
 of the headers is the one slicer-core writes (``vtkMRMLSegmentationStorageNode``,
 ``vtkMRMLVolumeSequenceStorageNode``); ``Testing/test_batch.py`` reads them back with it.
 Files are written atomically (:func:`uniultra.data.io.atomic_write`).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,25 +76,52 @@ def _stack(masks: Sequence[Sequence[np.ndarray | None]], hw: tuple[int, int]) ->
     return out
 
 
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Where the voxels of a 3D volume lie, as Slicer places the volume it loads from the file.
+
+    ``origin``: LPS position (mm) of voxel (0, 0, 0); ``steps``: 3x3, row ``d`` the LPS step (mm)
+    of one voxel along index axis ``d`` = i, j, k (direction times spacing); ``axis``: the numpy
+    axis of the ``[k, j, i]`` array that the clip's frames were sliced along."""
+
+    origin: tuple[float, float, float]
+    steps: tuple[tuple[float, float, float], ...]
+    axis: int = 0
+
+
+def _vec(v) -> str:
+    return "(" + ",".join(f"{float(x):.17g}" for x in v) + ")"
+
+
 def write_segmentation_nrrd(path, masks: Sequence[Sequence[np.ndarray | None]], names: Sequence[str],
-                            hw: tuple[int, int], spacing=(1.0, 1.0)) -> Path:
-    """``masks[s][f]``: structure ``s`` on frame ``f`` (bool (H, W) or None) -> ``.seg.nrrd``."""
+                            hw: tuple[int, int], spacing=(1.0, 1.0), volume: VolumeGeometry | None = None) -> Path:
+    """``masks[s][f]``: structure ``s`` on frame ``f`` (bool (H, W) or None) -> ``.seg.nrrd``.
+
+    ``volume``: the frames are slices of that 3D volume; the segmentation is written on the
+    volume's own voxel grid (origin, directions, spacing) so that it overlays the volume as Slicer
+    loads it, whichever axis was sliced.  Without it: frames as slices ``k``, pixel ``spacing``."""
     st = _stack(masks, hw)
+    if volume is not None:  # [S, N, H, W] with frames along numpy axis a of [k, j, i] -> [S, k, j, i]
+        st = np.moveaxis(st, 1, 1 + volume.axis)
+        dirs = [_vec(v) for v in volume.steps]
+        origin = _vec(volume.origin)
+    else:
+        dirs = [f"({float(spacing[0])},0,0)", f"(0,{float(spacing[1])},0)", "(0,0,1)"]
+        origin = "(0,0,0)"
     s, n, h, w = st.shape
-    sx, sy = float(spacing[0]), float(spacing[1])
     overlap = s > 1 and bool((st.sum(axis=0) > 1).any())
     head = ["type: unsigned char", "space: left-posterior-superior"]  # space before space directions
-    tail = ["endian: little", "encoding: gzip", "space origin: (0,0,0)"]
+    tail = ["endian: little", "encoding: gzip", f"space origin: {origin}"]
     if overlap:  # one layer per structure, label 1 in each: [S, N, H, W] -> NRRD fastest-first (list i j k)
         data = np.moveaxis(st, 0, -1).astype(np.uint8)  # [N, H, W, S]
         fields = ["dimension: 4", f"sizes: {s} {w} {h} {n}",
-                  f"space directions: none ({sx},0,0) (0,{sy},0) (0,0,1)", "kinds: list domain domain domain"]
+                  f"space directions: none {' '.join(dirs)}", "kinds: list domain domain domain"]
         seg = [f for i in range(s) for f in _segment_fields(i, names[i], i, 1, _extent(st[i]))]
     else:
         data = np.zeros((n, h, w), np.uint8)
         for i in range(s):
             data[st[i]] = i + 1
-        fields = ["dimension: 3", f"sizes: {w} {h} {n}", f"space directions: ({sx},0,0) (0,{sy},0) (0,0,1)",
+        fields = ["dimension: 3", f"sizes: {w} {h} {n}", f"space directions: {' '.join(dirs)}",
                   "kinds: domain domain domain"]
         seg = [f for i in range(s) for f in _segment_fields(i, names[i], 0, i + 1, _extent(st[i]))]
     fields = head + fields + tail + seg + [
