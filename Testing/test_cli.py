@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +102,24 @@ def test_box_prior_option_overrides_the_models_own(capsys, ckpt, image, tmp_path
     assert code == 0, err
     m = read_mask(tmp_path / "m.png") > 0
     assert dice(m, baseline_mask([box], m.shape, "ellipse")) > 0.9
+
+
+def test_propagate_logs_progress_when_stderr_is_not_a_terminal(capsys, ckpt, tmp_path, monkeypatch):
+    """In a job's log (no terminal) propagation printed nothing until it ended; now a line
+    'propagate: N/M frames (... frames/s, ETA ...)' now and then (every 10 s; here every call)."""
+    from uniultra import cli
+    from uniultra.data.io import write_seq_nrrd
+
+    monkeypatch.setattr(cli, "LOG_EVERY_S", 0.0)
+    rng = np.random.default_rng(2)
+    clip = write_seq_nrrd(tmp_path / "clip.seq.nrrd", [(rng.random((40, 50)) * 255).astype(np.uint8)
+                                                        for _ in range(5)])
+    code, out, err = run(capsys, "propagate", "--clip", clip, "--frame", 0, "--box", 5, 5, 30, 30,
+                         "--out-dir", tmp_path / "out", "--model", ckpt)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("propagate: ")]
+    assert lines and all(re.fullmatch(r"propagate: \d/5 frames \([\d.]+ frames/s, ETA \d+ s\)", ln) for ln in lines)
+    assert "5 masks written" in out
 
 
 def test_truncated_model_file(capsys, ckpt, image, tmp_path):

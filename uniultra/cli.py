@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +41,9 @@ AT_LEAST_1 = arg_number(1, integer=True)    # --limit
 
 
 # ------------------------------------------------------------------------------ helpers
+LOG_EVERY_S = 10.0  # progress lines on stderr when it is not a terminal (cluster logs)
+
+
 def _progress(iterable=None, total=None, desc="", disable=None):
     from tqdm import tqdm
 
@@ -415,11 +419,18 @@ def cmd_propagate(args) -> int:
     if engine == "auto":
         engine = "memory" if predictor.model.memory_trained else "box"
     bar = _progress(total=1, desc="propagate")
+    log = {"t0": time.monotonic(), "last": time.monotonic()}  # no terminal (a job's log): a line now and then
 
     def progress(done, total):
         bar.total = total
         bar.n = done
         bar.refresh()
+        now = time.monotonic()
+        if bar.disable and done < total and now - log["last"] >= LOG_EVERY_S:
+            log["last"] = now
+            rate = done / max(now - log["t0"], 1e-9)
+            eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 else ""
+            print(f"propagate: {done}/{total} frames ({rate:.1f} frames/s{eta})", file=sys.stderr, flush=True)
 
     try:
         if engine == "memory":
