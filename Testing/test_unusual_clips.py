@@ -346,6 +346,24 @@ def test_batch_folder_of_clips_takes_a_dicom_without_extension(capsys, ckpt, tmp
     assert not (tmp_path / "labels" / "notes.txt").exists()
 
 
+def test_batch_folder_of_clips_takes_a_multi_page_tiff(capsys, ckpt, tmp_path):
+    """A cine saved as a multi-page TIFF in a folder of clips was skipped by a '*' row (taken only
+    when a row named it); a one-page TIFF there is still not a clip."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    ims = [Image.fromarray(_grey(seed=i)) for i in range(4)]
+    ims[0].save(clips / "loop.tif", save_all=True, append_images=ims[1:])
+    ims[0].save(clips / "still.tif")
+    write_seq_nrrd(clips / "b.seq.nrrd", [_grey()])
+    (tmp_path / "prompts.csv").write_text("clip,frame,structure,x0,y0,x1,y1\n*,0,A,5,5,40,30\n")
+    code, _, err = run(capsys, "batch", clips, "--prompts", tmp_path / "prompts.csv", "--out-dir",
+                       tmp_path / "labels", "--model", ckpt, "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((tmp_path / "labels" / "loop" / "clip.json").read_text())["frames"] == 4
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir() if not p.name.startswith(".")) == [
+        "b", "loop", "summary.csv", "summary.json"]
+
+
 def test_batch_folder_of_frames_of_two_sizes_names_the_file(capsys, ckpt, tmp_path):
     """A folder of frames of two sizes failed with "frame 1 is 80x60, frame 0 is 64x48": the clip
     fails naming the odd file and what to do; the other clips are labelled."""

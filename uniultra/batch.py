@@ -58,6 +58,7 @@ LOW_SCORE = 0.5  # predicted IoU below this flags a frame
 AREA_JUMP = 1.5  # area changing by more than this factor between neighbouring frames flags a frame
 SHIFT = 0.25  # centroid moving more than this fraction of the previous mask's size flags a frame
 CLIP_EXT = (".dcm", ".dicom", ".seq.nrrd", ".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+PAGED_EXT = (".tif", ".tiff", ".gif")  # a cine saved page by page (read_frames reads every page)
 FRAME_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _NAME_RE = re.compile(r"^\w[\w .+-]*$")  # \w: any language's letters and digits, and _
 
@@ -151,7 +152,7 @@ def _add_prompt(jobs: dict, order: list, names: dict, rec: dict, base: Path, whe
         if _is_glob(clip):
             raise InputError(f"{where}: clip {clip!r} is a glob: give the output a name (column 'name')")
         stem = Path(clip.rstrip("/\\")).name
-        for e in CLIP_EXT:
+        for e in CLIP_EXT + PAGED_EXT:
             if stem.lower().endswith(e):
                 stem = stem[: -len(e)]
                 break
@@ -289,10 +290,12 @@ def _folder_manifest(folder: Path, prompts: Path, jobs, order, names) -> None:
         if p.name.startswith("."):
             continue
         # a DICOM without an extension (as PACS exports name them) or any file a row names is a clip too
-        if p.is_dir() or any(p.name.lower().endswith(e) for e in CLIP_EXT) or p.name in named or _is_dicom(p):
+        if (p.is_dir() or any(p.name.lower().endswith(e) for e in CLIP_EXT) or p.name in named or _is_dicom(p)
+                or _multi_page(p)):
             clips[p.name] = p
     if not clips:
-        raise InputError(f"{folder} holds no clips (DICOM, .seq.nrrd, NRRD/NIfTI volumes, or folders of frames)")
+        raise InputError(f"{folder} holds no clips (DICOM, .seq.nrrd, NRRD/NIfTI volumes, multi-page TIFF, "
+                         "or folders of frames)")
     for line, r in rows:
         target = r.get("clip", "")
         if target != "*" and target not in clips:
@@ -306,6 +309,19 @@ def _folder_manifest(folder: Path, prompts: Path, jobs, order, names) -> None:
         for line, r in mine:
             _add_prompt(jobs, order, names, r | {"clip": str(cpath), "name": ""}, prompts.parent,
                         _where(prompts, line), line, str(prompts))
+
+
+def _multi_page(p: Path) -> bool:
+    """A TIFF or GIF file of more than one page (a cine saved page by page)."""
+    if p.suffix.lower() not in PAGED_EXT or not p.is_file():
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except Exception:  # noqa: BLE001 - unreadable: not taken as a clip (a row naming it still fails clearly)
+        return False
 
 
 def _natural(s: str):
