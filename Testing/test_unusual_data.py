@@ -32,6 +32,16 @@ def _mask(path):
 
 
 # ------------------------------------------------------------------------------ images
+@pytest.mark.parametrize("ext", ["png", "nii.gz", "dcm"])
+def test_empty_file_says_it_is_empty(capsys, ckpt, tmp_path, ext):
+    """A 0-byte file (a copy that failed) said "UnidentifiedImageError: cannot identify image file"."""
+    (tmp_path / f"e.{ext}").write_bytes(b"")
+    code, _, err = run(capsys, "segment", "--image", tmp_path / f"e.{ext}", "--box", 1, 1, 5, 5, "--model", ckpt,
+                       "--out", tmp_path / "m.png")
+    assert_one_clean_line(code, err, "the file is empty (0 bytes)")
+    assert f"e.{ext}" in err and not (tmp_path / "m.png").exists()
+
+
 def test_exif_rotated_jpeg_is_read_as_viewers_show_it(capsys, ckpt, tmp_path):
     """A JPEG whose EXIF says 'rotate 90' (phones, some scanners): boxes are drawn on the upright
     image, so it is read upright and the mask has its size (it was the stored 64x48, sideways)."""

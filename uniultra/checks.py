@@ -112,6 +112,13 @@ def readable_file(path, kind: str = "", folder_hint: str = "choose a file") -> P
         raise InputError(f"cannot read {what}: file not found; check the path")
     if p.is_dir():
         raise InputError(f"cannot read {what}: it is a folder; {folder_hint}")
+    try:
+        empty = p.is_file() and p.stat().st_size == 0
+    except OSError:
+        empty = False
+    if empty:
+        raise InputError(f"cannot read {what}: the file is empty (0 bytes); it was not copied or saved "
+                         "completely, copy it again")
     return p
 
 
