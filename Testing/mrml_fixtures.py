@@ -63,3 +63,17 @@ def rotation(axis, degrees: float) -> np.ndarray:
     a = np.radians(degrees)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def read_segment_labelmap(seg_node, index: int):
+    """Segment ``index`` of a segmentation node as Slicer holds it: its ``vtkOrientedImageData``
+    labelmap and that labelmap's voxels as a ``[k, j, i]`` array over the labelmap's extent."""
+    from vtk.util import numpy_support
+
+    lm = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        seg_node, seg_node.GetSegmentation().GetNthSegmentID(index), lm)
+    e = lm.GetExtent()
+    arr = numpy_support.vtk_to_numpy(lm.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    return lm, arr

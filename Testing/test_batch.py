@@ -239,7 +239,7 @@ def test_outputs_open_in_slicer_as_named_segments(tmp_path, data_root):
     pytest.importorskip("slicer")
     sys.path.insert(0, str(REPO / "Testing"))
     import slicer
-    from mrml_fixtures import mrml_context
+    from mrml_fixtures import mrml_context, read_segment_labelmap
     from vtk.util import numpy_support
 
     ids = sorted(p.stem for p in (data_root / "carotid" / "images").glob("202201121854340043VAS_*.png"))[:4]
@@ -268,11 +268,8 @@ def test_outputs_open_in_slicer_as_named_segments(tmp_path, data_root):
     s = seg.GetSegmentation()
     assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == ["CCA", "far wall"]
     for i, name in enumerate(("CCA", "far wall")):
-        lm = slicer.vtkOrientedImageData()
-        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg, s.GetNthSegmentID(i), lm)
+        lm, arr = read_segment_labelmap(seg, i)
         e = lm.GetExtent()
-        arr = numpy_support.vtk_to_numpy(lm.GetPointData().GetScalars()).reshape(
-            e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
         full = np.zeros(png[name].shape, bool)
         full[e[4]:e[5] + 1, e[2]:e[3] + 1, e[0]:e[1] + 1] = arr == s.GetNthSegment(i).GetLabelValue()
         assert np.array_equal(full, png[name]), name

@@ -232,8 +232,7 @@ def test_batch_segmentation_of_a_volume_overlays_the_volume_in_slicer(tmp_path, 
     both are read with slicer-core and every segment voxel lands on the volume voxel it labels."""
     slicer = pytest.importorskip("slicer")
     import vtk
-    from mrml_fixtures import mrml_context
-    from vtk.util import numpy_support
+    from mrml_fixtures import mrml_context, read_segment_labelmap
 
     from uniultra.batch import _volume_geometry
     from uniultra.data.slicer_nrrd import write_segmentation_nrrd
@@ -266,12 +265,8 @@ def test_batch_segmentation_of_a_volume_overlays_the_volume_in_slicer(tmp_path, 
     ctx.scene.AddNode(ss)
     ss.SetFileName(str(tmp_path / "v.seg.nrrd"))
     assert ss.ReadData(seg)
-    lm = slicer.vtkOrientedImageData()
-    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        seg, seg.GetSegmentation().GetNthSegmentID(0), lm)
+    lm, arr = read_segment_labelmap(seg, 0)
     e = lm.GetExtent()
-    arr = numpy_support.vtk_to_numpy(lm.GetPointData().GetScalars()).reshape(
-        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
     k, j, i = np.nonzero(arr)
     ijk = np.stack([i + e[0], j + e[2], k + e[4], np.ones_like(i)]).astype(float)
     m = vtk.vtkMatrix4x4()
