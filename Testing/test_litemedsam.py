@@ -204,6 +204,102 @@ def test_student_init_copies_an_encoder(tmp_path):
         build_student(teacher, "uniultra-mini-lm", 256, init=str(tmp_path / "e8.pt"))
 
 
+@pytest.mark.parametrize("peft", ["decoder", "ch-adapter"])
+def test_dskd_level_terms_on_tinyvit(peft):
+    """DSKD's three level terms for a LiteMedSAM teacher (they were switched off with a note): at
+    the last attention block of each TinyViT attention stage the MLP branch ("block"), the scaled
+    CH-Adapter ("adapter") and their sum, pooled to the student's three level grids, and a
+    projection from each student level's width to the teacher's."""
+    from uniultra.models.ch_adapter import ADAPTER_SCALE
+    from uniultra.training.distill import (
+        FeatureTap,
+        TinyViTTap,
+        make_projections,
+        stage_dims,
+        stage_end_blocks,
+        student_level_sizes,
+        teacher_targets,
+        tinyvit_level_blocks,
+    )
+
+    torch.manual_seed(0)
+    teacher = build_model("litemedsam", peft=peft, random_init=True).eval()
+    if peft == "ch-adapter":  # adapters fresh from init output zero: give them something to say
+        for n, p in teacher.sam.named_parameters():
+            if "ch_adapter" in n:
+                p.data.normal_(0, 0.05)
+    student = build_model("uniultra-student-e16-lm", random_init=True).eval()
+    s_trunk = student.sam.image_encoder.trunk
+    s_tap = FeatureTap(s_trunk, stage_end_blocks(s_trunk))
+    sizes = student_level_sizes(student, s_tap, 256)
+    assert sizes == [(64, 64), (32, 32), (16, 16)]
+    t_enc = teacher.sam.image_encoder
+    ends = tinyvit_level_blocks(t_enc)
+    assert [tuple(b.input_resolution) for b in ends] == [(128, 128), (64, 64), (64, 64)]
+    assert all(b is layer.blocks[-1] for b, layer in zip(ends, list(t_enc.layers)[1:]))
+    tap = TinyViTTap(t_enc, sizes)
+    # what the block really adds after its MLP (MLP + adapter), recorded after every other hook
+    seen = {}
+    hooks = [b.mlp.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o)) for k, b in enumerate(ends)]
+    x = torch.randn(2, 3, 256, 256)
+    t = teacher_targets(teacher, tap, x, level_terms=True)
+    kinds = ["block"] + (["adapter", "sum"] if peft == "ch-adapter" else [])
+    assert {f"{k}{lv}" for k in kinds for lv in range(3)} <= set(t)
+    for lv, (hw, c) in enumerate(zip(sizes, tap.dims)):
+        assert t[f"block{lv}"].shape == (2, *hw, c)
+        h, w = ends[lv].input_resolution
+        full = seen[lv].reshape(2, h, w, c).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(full, hw).permute(0, 2, 3, 1)
+        if peft == "ch-adapter":
+            assert torch.allclose(t[f"sum{lv}"], pooled, atol=1e-5)  # block + adapter = the block's MLP output
+            assert t[f"adapter{lv}"].abs().max() > 0 and not torch.allclose(t[f"block{lv}"], pooled, atol=1e-5)
+            assert ADAPTER_SCALE == 0.5
+        else:
+            assert torch.allclose(t[f"block{lv}"], pooled, atol=1e-5)
+    proj = make_projections(s_tap, tap, stage_dims(s_trunk, stage_end_blocks(s_trunk)), tap.dims)
+    assert {k: (m.in_features, m.out_features) for k, m in proj.items() if k.startswith("block")} == {
+        "block0": (16, 128), "block1": (32, 160), "block2": (64, 320)}
+    assert ("sum0" in proj) == (peft == "ch-adapter" and s_tap.has_adapter)
+    for h in hooks:
+        h.remove()
+    tap.remove()
+    s_tap.remove()
+
+
+def test_dskd_from_litemedsam_caches_its_level_terms(tmp_path):
+    """`uniultra distill --teacher litemedsam` with an embedding cache attached and a target cache:
+    the teacher really runs once per image (a cache hit would skip its hooks), the targets hold the
+    image embedding and the three block terms at the student's grids, and the loss uses them."""
+    import json
+
+    from synthetic import make_dataset
+
+    from uniultra.training.distill import DistillConfig, distill
+
+    data = make_dataset(tmp_path / "syn", n_train=3, n_val=1, seed=2)
+    cfg = DistillConfig(teacher="litemedsam", data=[str(data)], out=str(tmp_path / "s"), student="uniultra-mini-lm",
+                        steps=2, batch_size=2, val_every=2, cache_dir=str(tmp_path / "targets"),
+                        embed_cache=str(tmp_path / "embed"), progress_bar=False, threads=1,
+                        events=str(tmp_path / "events.jsonl"))
+    r = distill(cfg, progress=False)
+    assert r["status"] == "finished"
+    files = sorted((tmp_path / "targets").rglob("*.pt"))
+    assert len(files) == 3
+    t = torch.load(files[0], weights_only=True)
+    assert {k: tuple(v.shape) for k, v in t.items() if k.startswith("block")} == {
+        "block0": (64, 64, 128), "block1": (32, 32, 160), "block2": (16, 16, 320)}
+    assert not any(k.startswith(("adapter", "sum")) for k in t)  # LiteMedSAM itself has no CH-Adapters
+    notes = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert not any("level terms do not apply" in str(e.get("message", "")) for e in notes)
+    ck = torch.load(r["model"], map_location="cpu", weights_only=True)
+    assert ck["uniultra"]["level_terms"] is True
+    # again with the embedding cache now full: the level terms are still computed
+    cfg.out, cfg.cache_dir = str(tmp_path / "s2"), str(tmp_path / "targets2")
+    assert distill(cfg, progress=False)["status"] == "finished"
+    again = torch.load(sorted((tmp_path / "targets2").rglob("*.pt"))[0], weights_only=True)
+    assert set(again) == set(t) and torch.allclose(again["block2"].float(), t["block2"].float(), atol=1e-2)
+
+
 def test_embedding_cache(tmp_path):
     from uniultra.models.embed_cache import attach, fill
 

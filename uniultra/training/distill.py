@@ -18,8 +18,9 @@ is particular to distillation: the student, the features and the loss.
     stages, the block feature (its MLP branch), the CH-Adapter feature (0.5 x adapter output) and
     their sum, captured with forward hooks.  Teacher and student widths differ, so the student's
     features go through a learned linear projection (one per level and term, discarded after
-    training) before the MSE.  A teacher without CH-Adapters gives only the block term; a teacher
-    without a Hiera trunk (LiteMedSAM) gives none (a note says so).
+    training) before the MSE.  A teacher without CH-Adapters gives only the block term.  A
+    LiteMedSAM teacher gives the same terms at the last attention block of each TinyViT attention
+    stage (:class:`TinyViTTap`), average-pooled to the student's grid.
 * ``cache_dir``: the teacher's targets are computed once per training image (no augmentation) and
   stored as fp16 ``.pt`` files, so later epochs and runs need no teacher forward (~2.7 MB per
   image at S=256).  ``embed_cache``: the teacher's embeddings from a shared embedding cache.
@@ -88,12 +89,92 @@ class FeatureTap:
             h.remove()
 
 
-def teacher_targets(teacher, tap: FeatureTap | None, x: torch.Tensor, level_terms: bool) -> dict:
-    """Teacher FPN maps (and hooked level terms) for a batch, detached."""
+def tinyvit_level_blocks(trunk) -> list[nn.Module]:
+    """The last attention block of each of TinyViT's three attention stages (``layers[1:]``; the
+    first stage is convolutional and has no MLP or adapter), LiteMedSAM's counterpart of the
+    first three Hiera stage ends."""
+    from uniultra.models.litemedsam import tinyvit_blocks
+
+    ends = []
+    for layer in list(trunk.layers)[1:]:
+        mine = [b for b in tinyvit_blocks(trunk) if any(b is c for c in getattr(layer, "blocks", []))]
+        if mine:
+            ends.append(mine[-1])
+    return ends[:3]
+
+
+class TinyViTTap:
+    """The level terms of a LiteMedSAM (TinyViT) teacher, as :class:`FeatureTap` gives them for
+    Hiera: at the last attention block of each attention stage, the MLP-branch output ("block",
+    recorded before the CH-Adapter's hook adds to it) and the scaled CH-Adapter output ("adapter",
+    when the teacher has adapters), channels-last ``[B, H, W, C]``.
+
+    TinyViT in LiteMedSAM runs at 2 to 4 times the student's resolution at each level (128, 64, 64
+    against 64, 32, 16 at 256 px), so each map is average-pooled to the student's level size
+    ``sizes[level]``: the student learns the teacher's feature at its own grid."""
+
+    def __init__(self, trunk, sizes: list[tuple[int, int]]):
+        from uniultra.models.ch_adapter import ADAPTER_SCALE
+
+        self.feats: dict[tuple[int, str], torch.Tensor] = {}
+        self.handles = []
+        self.blocks = tinyvit_level_blocks(trunk)
+        if len(self.blocks) != 3 or len(sizes) != 3:
+            raise ValueError(f"expected three TinyViT attention stages and three student levels, got "
+                             f"{len(self.blocks)} and {len(sizes)}")
+        self.sizes = [tuple(int(v) for v in hw) for hw in sizes]
+        self.has_adapter = all(hasattr(b.mlp, "ch_adapter") for b in self.blocks)
+        for level, blk in enumerate(self.blocks):
+            # prepend: before the CH-Adapter's own forward hook adds its output to the MLP's
+            self.handles.append(blk.mlp.register_forward_hook(self._hook(level, "block", 1.0, blk), prepend=True))
+            if self.has_adapter:
+                self.handles.append(blk.mlp.ch_adapter.register_forward_hook(
+                    self._hook(level, "adapter", ADAPTER_SCALE, blk)))
+
+    def _hook(self, level, kind, scale, blk):
+        def fn(_mod, _inp, out):
+            h, w = blk.input_resolution
+            t = out.reshape(out.shape[0], h, w, out.shape[-1]) if out.dim() == 3 else out
+            t = t * scale if scale != 1.0 else t
+            self.feats[(level, kind)] = self._pool(t, self.sizes[level])
+        return fn
+
+    @staticmethod
+    def _pool(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if tuple(t.shape[1:3]) == hw:
+            return t
+        return F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), hw).permute(0, 2, 3, 1)
+
+    @property
+    def dims(self) -> list[int]:
+        return [int(b.dim) for b in self.blocks]
+
+    terms = FeatureTap.terms
+    clear = FeatureTap.clear
+    remove = FeatureTap.remove
+
+
+def student_level_sizes(student, s_tap: FeatureTap, image_size: int) -> list[tuple[int, int]]:
+    """The grid of the student's three level features at ``image_size`` (one small forward)."""
+    p = next(student.parameters())
+    s_tap.clear()
+    with torch.no_grad():
+        student.encode(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    sizes = [tuple(s_tap.feats[(level, "block")].shape[1:3]) for level in range(3)]
+    s_tap.clear()
+    return sizes
+
+
+def teacher_targets(teacher, tap: FeatureTap | TinyViTTap | None, x: torch.Tensor, level_terms: bool) -> dict:
+    """Teacher FPN maps (and hooked level terms) for a batch, detached.  With level terms the
+    teacher's encoder really runs (an attached embedding cache would skip it and its hooks)."""
     with torch.no_grad():
         if tap is not None:
             tap.clear()
-        emb = teacher.encode(x)
+        encode = teacher.encode
+        if tap is not None and level_terms and getattr(teacher, "_embed_cache", None) is not None:
+            encode = type(teacher).encode.__get__(teacher)
+        emb = encode(x)
         out = {f"fpn{i}": f.detach() for i, f in enumerate(emb["fpn"])}
         if tap is not None and level_terms:
             out.update({k: v.detach() for k, v in tap.terms().items()})
@@ -256,5 +337,5 @@ def distill(config: DistillConfig, progress: Progress | bool | None = None, canc
     return result
 
 
-__all__ = ["DistillConfig", "distill", "build_student", "FeatureTap", "distill_loss", "teacher_targets",
-           "build_cache", "TeacherTargets"]
+__all__ = ["DistillConfig", "distill", "build_student", "FeatureTap", "TinyViTTap", "distill_loss",
+           "teacher_targets", "build_cache", "TeacherTargets"]

@@ -340,20 +340,29 @@ class DistillTask(Task):
             raise InputError(f"--image-size {S}: the teacher {cfg.teacher} works at {teacher.image_size} px; "
                              "teacher and student must use the same size")
         cfg.image_size = S
-        if cfg.level_terms and not hasattr(teacher.sam.image_encoder, "trunk"):
-            trainer.events.emit("note", message=f"note: {teacher.arch.name} has no Hiera trunk, so the block/adapter/"
-                                "sum level terms do not apply: distilling the image embedding its decoder reads")
+        t_enc = teacher.sam.image_encoder
+        tinyvit = not hasattr(t_enc, "trunk") and hasattr(t_enc, "layers")  # LiteMedSAM's TinyViT
+        if cfg.level_terms and not (hasattr(t_enc, "trunk") or tinyvit):
+            trainer.events.emit("note", message=f"note: {teacher.arch.name} has neither a Hiera nor a TinyViT trunk, "
+                                "so the block/adapter/sum level terms do not apply: distilling the image embedding "
+                                "its decoder reads")
             cfg.level_terms = False
         seed_all(cfg.seed)
         student = D.build_student(teacher, cfg.student, S, device, init=cfg.student_init)
         t_tap = s_tap = None
         proj = nn.ModuleDict()
         if cfg.level_terms:
-            t_trunk, s_trunk = teacher.sam.image_encoder.trunk, student.sam.image_encoder.trunk
-            t_blocks, s_blocks = D.stage_end_blocks(t_trunk), D.stage_end_blocks(s_trunk)
-            t_tap, s_tap = D.FeatureTap(t_trunk, t_blocks), D.FeatureTap(s_trunk, s_blocks)
+            s_trunk = student.sam.image_encoder.trunk
+            s_blocks = D.stage_end_blocks(s_trunk)
+            s_tap = D.FeatureTap(s_trunk, s_blocks)
+            if tinyvit:
+                t_tap = D.TinyViTTap(t_enc, D.student_level_sizes(student, s_tap, S))
+                t_dims = t_tap.dims
+            else:
+                t_blocks = D.stage_end_blocks(t_enc.trunk)
+                t_tap, t_dims = D.FeatureTap(t_enc.trunk, t_blocks), D.stage_dims(t_enc.trunk, t_blocks)
             self.taps = [t_tap, s_tap]
-            proj = D.make_projections(s_tap, t_tap, D.stage_dims(s_trunk, s_blocks), D.stage_dims(t_trunk, t_blocks))
+            proj = D.make_projections(s_tap, t_tap, D.stage_dims(s_trunk, s_blocks), t_dims)
         proj.to(device)
         self.model, self.proj = student, proj
 
