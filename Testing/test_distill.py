@@ -74,6 +74,24 @@ def test_distillation_loss_decreases_with_cache(setup, tmp_path):
     assert out.shape == (1, 1, 16, 16)
 
 
+def test_feature_cache_is_kept_apart_per_teacher(setup, tmp_path):
+    """Two different teachers saved under the same file name (every run writes model.pt) shared one
+    cache folder and the second silently learned the first one's features; now each teacher's
+    encoder weights name its folder."""
+    data, tpath = setup
+    torch.manual_seed(1)
+    other = tmp_path / "other" / tpath.name
+    other.parent.mkdir()
+    save_checkpoint(build_model("uniultra-student-e16", image_size=64), other, {"name": "teacher"})
+    cache = tmp_path / "cache"
+    for i, t in enumerate((tpath, other, tpath)):
+        cfg = DistillConfig(teacher=str(t), data=[str(data)], out=str(tmp_path / f"s{i}"), student="uniultra-student-e8",
+                            steps=1, batch_size=2, val_every=1, cache_dir=str(cache), progress_bar=False, threads=1)
+        assert distill(cfg, progress=False)["status"] == "finished"
+    folders = sorted(p.name for p in cache.iterdir())
+    assert len(folders) == 2 and all(f.startswith(f"{tpath.stem}_64_1_") for f in folders), folders
+
+
 def test_distill_without_cache_and_size_check(setup, tmp_path):
     data, tpath = setup
     cfg = DistillConfig(teacher=str(tpath), data=[str(data)], out=str(tmp_path / "s2"),

@@ -374,7 +374,12 @@ class DistillTask(Task):
         keys = [f"{ds.name}__{r.id}" for ds in splits for r in ds.records]
         cache = None
         if cfg.cache_dir:
-            cache = Path(cfg.cache_dir).expanduser() / f"{Path(str(cfg.teacher)).stem}_{S}_{int(cfg.level_terms)}"
+            from uniultra.models.embed_cache import encoder_fingerprint
+
+            # keyed by the teacher's encoder weights: two teachers both saved as model.pt never share
+            # targets, while teachers with one frozen encoder (decoder-only fine-tunes) do
+            cache = Path(cfg.cache_dir).expanduser() / (f"{Path(str(cfg.teacher)).stem}_{S}_{int(cfg.level_terms)}_"
+                                                       f"{encoder_fingerprint(teacher)[:12]}")
             D.build_cache(teacher, t_tap, concat, keys, cache, device, cfg.level_terms, progress=trainer.progress)
         self.dataset = D.TeacherTargets(concat, cache, keys)
         self.vals = _vals(cfg, self.roots)
