@@ -19,6 +19,8 @@ boxes and LiteMedSAM zero-shot on the same images.  Settings are the same for ev
                                                   # with the prior added at use (weight chosen on val)
     .venv/bin/python benchmarks/generalization.py --inference-prior --round-boxes --student   # the same with
                                                   # a pair of weights, for long and for round boxes (printed)
+    .venv/bin/python benchmarks/generalization.py --student --level-terms        # students with DSKD's
+                                                  # level terms (TinyViT's three attention stages)
 
 ``--hint-student``: the recipe of ``recipes/uniultra-mini-us6.yaml`` per fold:
 ``--hint-init`` (default ``uniultra-mini-us``) trained on the other anatomies' masks with feature
@@ -67,7 +69,11 @@ def fold_recipe(args, left_out: str) -> dict:
             "steps": args.student_steps, "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20,
             "val_every": args.student_steps, "val_limit": args.val_images,
             "finetune_steps": args.finetune_steps, "finetune_lr": 1e-4, "seed": 0, "device": args.device,
-            "progress_bar": False, "threads": args.threads,
+            "progress_bar": False, "threads": args.threads, "level_terms": args.level_terms,
+            # the level terms need the teacher's encoder to run: once per image, shared by every fold
+            # (the folds' decoder-only teachers share LiteMedSAM's frozen encoder; the cache is keyed by it)
+            **({"cache_dir": str(Path(args.out) / "student-targets"), "level_weight": args.level_weight}
+               if args.level_terms else {}),
             **({"box_prior": args.box_prior} if args.box_prior else {})}}
         stages[f"test-student{sfx}"] = {"command": "evaluate", "options": {
             "model": f"${{stages.student{sfx}.out}}/finetune/model.pt" if args.finetune_steps else
@@ -100,8 +106,9 @@ def hint_stage(args) -> str:
 
 
 def prior_suffix(args) -> str:
-    """``-prior`` for the runs trained with the box-shape prior (``--box-prior W``)."""
-    return "-prior" if args.box_prior else ""
+    """``-prior`` for the runs trained with the box-shape prior (``--box-prior W``), ``-lv`` for the
+    students distilled with DSKD's level terms (``--level-terms``)."""
+    return ("-prior" if args.box_prior else "") + ("-lv" if getattr(args, "level_terms", False) else "")
 
 
 def init_datasets(model: str) -> list[str]:
@@ -219,6 +226,7 @@ def read_eval(path: Path, name: str) -> dict | None:
 def table(args) -> tuple[str, dict]:
     zs_path = Path(args.out) / "zeroshot" / "test-zeroshot" / "evaluation.json"
     rows, res = [], {}
+    lv_col = any((Path(args.out) / a / "test-student-lv" / "evaluation.json").is_file() for a in args.anatomies)
     for a in args.anatomies:
         z = read_eval(zs_path, a) or {}
         t = read_eval(Path(args.out) / a / "test-teacher" / "evaluation.json", a) or {}
@@ -228,6 +236,7 @@ def table(args) -> tuple[str, dict]:
         sp = read_eval(Path(args.out) / a / "test-student-prior" / "evaluation.json", a) or {}
         mp = read_eval(Path(args.out) / a / "test-masks-prior" / "evaluation.json", a) or {}
         si = read_eval(Path(args.out) / a / "test-student-iprior" / "evaluation.json", a) or {}
+        lv = read_eval(Path(args.out) / a / "test-student-lv" / "evaluation.json", a) or {}
         res[a] = {"images": z.get("n_images") or t.get("n_images"), "ellipse": z.get("ellipse_dice"),
                   "ellipse_p10": z.get("ellipse_dice_p10"), "zeroshot": z.get("dice"), "zeroshot_p10": z.get("dice_p10"),
                   "teacher": t.get("dice"), "teacher_p10": t.get("dice_p10"),
@@ -237,11 +246,12 @@ def table(args) -> tuple[str, dict]:
                   "student_prior": sp.get("dice"), "student_prior_p10": sp.get("dice_p10"),
                   "masks_prior": mp.get("dice"), "masks_prior_p10": mp.get("dice_p10"),
                   "student_iprior": si.get("dice"), "student_iprior_p10": si.get("dice_p10"),
+                  "student_lv": lv.get("dice"), "student_lv_p10": lv.get("dice_p10"),
                   "structure": {"ellipse": z.get("ellipse_structure_dice"), "zeroshot": z.get("structure_dice"),
                                 "teacher": t.get("structure_dice"), "student": s.get("structure_dice"),
                                 "hint": h.get("structure_dice"), "masks": m.get("structure_dice"),
                                 "student_prior": sp.get("structure_dice"), "masks_prior": mp.get("structure_dice"),
-                                "student_iprior": si.get("structure_dice")}}
+                                "student_iprior": si.get("structure_dice"), "student_lv": lv.get("structure_dice")}}
 
         def f(k, r=res[a]):
             v, p = r.get(k), r.get(f"{k}_p10")
@@ -249,7 +259,7 @@ def table(args) -> tuple[str, dict]:
 
         rows.append(f"| {a} | {res[a]['images'] or '-'} | {f('ellipse')} | {f('zeroshot')} | {f('teacher')} | "
                     f"{f('student')} | {f('student_prior')} | {f('student_iprior')} | {f('masks')} | {f('hint')} | "
-                    f"{f('masks_prior')} |")
+                    f"{f('masks_prior')} |" + (f" {f('student_lv')} |" if lv_col else ""))
     head = [f"Leave one anatomy out (test splits, at most {args.test_images} images per anatomy, evenly spread; "
             f"10%-jittered boxes, the same seeded boxes for every column). Mean Dice (10th percentile).",
             f"Fold settings: teacher = LiteMedSAM decoder trained {args.teacher_steps} steps (batch 8) on cached "
@@ -263,24 +273,26 @@ def table(args) -> tuple[str, dict]:
                "trained in (student: in its fine-tuning stage)." if args.box_prior else "")
             + " 'Student + prior at use': the student without a prior, the prior added when it is used, its weight "
               f"chosen from {', '.join(f'{w:g}' for w in PRIOR_WEIGHTS)} on the val splits of the fold's training "
-              f"anatomies ({args.val_images} images each).",
+              f"anatomies ({args.val_images} images each)."
+            + (f" 'Student, DSKD level terms': the same student with the block terms of LiteMedSAM's three TinyViT "
+               f"attention stages added to its DSKD loss (weight {args.level_weight:g} each)." if lv_col else ""),
             "", "| left-out anatomy | images | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
                 "| student + box prior | student + prior at use | default recipe, masks | default recipe + hints "
-                "| default recipe, masks + box prior |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| default recipe, masks + box prior |" + (" student, DSKD level terms |" if lv_col else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if lv_col else "")]
     multi = [a for a in args.anatomies if any(v is not None for v in res[a]["structure"].values())]
     if multi:
         rows += ["", "Anatomies with several labelled structures per image: mean Dice per structure (the union "
                  "Dice above hides a ring filled in by its neighbours).", "",
                  "| left-out anatomy | ellipse | LiteMedSAM zero-shot | teacher without it | student without it "
                  "| student + box prior | student + prior at use | default recipe, masks | default recipe + hints "
-                 "| default recipe, masks + box prior |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| default recipe, masks + box prior |" + (" student, DSKD level terms |" if lv_col else ""),
+                 "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if lv_col else "")]
+        keys = ("ellipse", "zeroshot", "teacher", "student", "student_prior", "student_iprior", "masks", "hint",
+                "masks_prior") + (("student_lv",) if lv_col else ())
         for a in multi:
             st = res[a]["structure"]
-            rows.append(f"| {a} | " + " | ".join("-" if st[k] is None else f"{st[k]:.3f}"
-                                                 for k in ("ellipse", "zeroshot", "teacher", "student", "student_prior",
-                                                           "student_iprior", "masks", "hint", "masks_prior")) + " |")
+            rows.append(f"| {a} | " + " | ".join("-" if st[k] is None else f"{st[k]:.3f}" for k in keys) + " |")
     return "\n".join(head + rows), res
 
 
@@ -312,6 +324,11 @@ def main() -> int:
     ap.add_argument("--round-boxes", dest="round_boxes", action="store_true",
                     help="with --inference-prior: choose a pair (W for long boxes, R for round ones) instead of "
                          "one weight (test-student-rprior; printed, not a table column)")
+    ap.add_argument("--level-terms", dest="level_terms", action="store_true",
+                    help="students with DSKD's level terms from LiteMedSAM's TinyViT (stages *-lv; the teacher's "
+                         "features are cached once per image in OUT/student-targets)")
+    ap.add_argument("--level-weight", dest="level_weight", type=float, default=0.1,
+                    help="with --level-terms: the weight of each level term (the embedding term has 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     ap.add_argument("--no-teacher", dest="teacher", action="store_false",
                     help="skip the teacher (and student) stages (e.g. to run only --hint-student folds)")
