@@ -215,6 +215,12 @@ def test_cli_parsers_and_input_errors(data, tmp_path):
     d = ap.parse_args(["distill", "--teacher", "t.pt", "--data", str(data), "--out", str(tmp_path),
                        "--no-level-terms", "--cache-features", str(tmp_path / "c")])
     assert d.level_terms is False and d.func.__name__ == "run_distill"
+    from uniultra.training.cli_commands import config_from_args
+    from uniultra.training.config import DistillConfig
+
+    w = config_from_args(DistillConfig, ap.parse_args(["distill", "--teacher", "t.pt", "--data", str(data), "--out",
+                                                       str(tmp_path), "--level-weight", "0.1", "--fpn-weight", "2"]))
+    assert (w.level_weight, w.fpn_weight) == (0.1, 2.0)
     bad = [(["--lr", "0"], "--lr"), (["--image-size", "100"], "--image-size 100"),
            (["--peft", "magic"], "magic"), (["--loss-weights", "dice=1,x=2"], "--loss-weights")]
     for extra, msg in bad:

@@ -133,6 +133,11 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--level-terms", dest="level_terms", action=BOOL,
                    help="also match block/adapter/sum features at the three stage ends (paper's figure)")
+    p.add_argument("--level-weight", dest="level_weight", type=float, metavar="W",
+                   help="weight of each level term (default 1; the embedding term has --fpn-weight). A LiteMedSAM "
+                        "teacher's level features are about 10x its embedding in size: 0.1 balances them")
+    p.add_argument("--fpn-weight", dest="fpn_weight", type=float, metavar="W",
+                   help="weight of the embedding (FPN) term (default 1)")
     p.add_argument("--cache-features", dest="cache_dir", metavar="DIR",
                    help="cache the teacher's features (fp16, once per image) in DIR; needs --no-augment")
     p.add_argument("--augment", action=BOOL)
