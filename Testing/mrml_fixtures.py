@@ -77,3 +77,13 @@ def read_segment_labelmap(seg_node, index: int):
     arr = numpy_support.vtk_to_numpy(lm.GetPointData().GetScalars()).reshape(
         e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
     return lm, arr
+
+
+def read_file_into(ctx, node, storage, path):
+    """``node`` filled from ``path`` by ``storage`` (both added to the scene first, as Slicer's
+    readers do); fails the test when the file does not read."""
+    ctx.scene.AddNode(node)
+    ctx.scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), path
+    return node

@@ -239,7 +239,7 @@ def test_outputs_open_in_slicer_as_named_segments(tmp_path, data_root):
     pytest.importorskip("slicer")
     sys.path.insert(0, str(REPO / "Testing"))
     import slicer
-    from mrml_fixtures import mrml_context, read_segment_labelmap
+    from mrml_fixtures import mrml_context, read_file_into, read_segment_labelmap
     from vtk.util import numpy_support
 
     ids = sorted(p.stem for p in (data_root / "carotid" / "images").glob("202201121854340043VAS_*.png"))[:4]
@@ -259,12 +259,8 @@ def test_outputs_open_in_slicer_as_named_segments(tmp_path, data_root):
            for s in ("CCA", "far wall")}
     assert png["CCA"].any() and png["CCA"].sum(axis=(1, 2)).min() > 0.5 * m.sum()
     ctx = next(mrml_context())
-    seg = slicer.vtkMRMLSegmentationNode()
-    ctx.scene.AddNode(seg)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    ctx.scene.AddNode(storage)
-    storage.SetFileName(str(out / "clip1.seg.nrrd"))
-    assert storage.ReadData(seg)
+    seg = read_file_into(ctx, slicer.vtkMRMLSegmentationNode(), slicer.vtkMRMLSegmentationStorageNode(),
+                         out / "clip1.seg.nrrd")
     s = seg.GetSegmentation()
     assert [s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments())] == ["CCA", "far wall"]
     for i, name in enumerate(("CCA", "far wall")):

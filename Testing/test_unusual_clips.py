@@ -232,7 +232,7 @@ def test_batch_segmentation_of_a_volume_overlays_the_volume_in_slicer(tmp_path, 
     both are read with slicer-core and every segment voxel lands on the volume voxel it labels."""
     slicer = pytest.importorskip("slicer")
     import vtk
-    from mrml_fixtures import mrml_context, read_segment_labelmap
+    from mrml_fixtures import mrml_context, read_file_into, read_segment_labelmap
 
     from uniultra.batch import _volume_geometry
     from uniultra.data.slicer_nrrd import write_segmentation_nrrd
@@ -253,18 +253,9 @@ def test_batch_segmentation_of_a_volume_overlays_the_volume_in_slicer(tmp_path, 
     write_segmentation_nrrd(tmp_path / "v.seg.nrrd", [masks], ["A"], frames[0].shape[:2], volume=geometry)
 
     ctx = next(mrml_context())
-    volume = slicer.vtkMRMLScalarVolumeNode()
-    ctx.scene.AddNode(volume)
-    vs = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    ctx.scene.AddNode(vs)
-    vs.SetFileName(str(vol))
-    assert vs.ReadData(volume)
-    seg = slicer.vtkMRMLSegmentationNode()
-    ctx.scene.AddNode(seg)
-    ss = slicer.vtkMRMLSegmentationStorageNode()
-    ctx.scene.AddNode(ss)
-    ss.SetFileName(str(tmp_path / "v.seg.nrrd"))
-    assert ss.ReadData(seg)
+    volume = read_file_into(ctx, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(), vol)
+    seg = read_file_into(ctx, slicer.vtkMRMLSegmentationNode(), slicer.vtkMRMLSegmentationStorageNode(),
+                         tmp_path / "v.seg.nrrd")
     lm, arr = read_segment_labelmap(seg, 0)
     e = lm.GetExtent()
     k, j, i = np.nonzero(arr)
